@@ -1,0 +1,6 @@
+"""Framework-neutral core shared by `torch_ref` and `jax_impl`.
+
+Everything here imports NumPy and the standard library only (matplotlib and tqdm for the
+report and progress helpers), so that both frameworks read the same facts, the same data
+and the same augmented pixels from one place.
+"""
