@@ -1,0 +1,75 @@
+"""Seeded per-epoch shuffling and batching, shared so that both frameworks see the same batches.
+
+All randomness of an epoch comes from one NumPy generator keyed by (seed, epoch): the
+permutation first, then the augmentation draws for every position of that permutation. A run
+resumed at epoch k therefore sees exactly the batches an uninterrupted run would have, and a
+PyTorch and a JAX run with the same seed consume identical pixels in identical order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from common.recipes import Augmentation
+from common.transforms import augment, draw_augmentation, normalize, rotation_source_index
+
+
+class Batch(NamedTuple):
+    """Model inputs (B, 28, 28) float32, normalised, and labels (B,) int64."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """One epoch of training: which examples in which order, and their augmentation draws."""
+
+    order: np.ndarray  # (N,) dataset indices, in the order they are consumed
+    crop: np.ndarray  # (N,) bool, crop-and-resize draw of each position
+    angles: np.ndarray  # (N,) float64 degrees, rotation draw of each position
+    batch_size: int
+    crop_size: int
+
+    def batch_slices(self, max_batches: int | None = None) -> list[slice]:
+        """Consecutive slices of `batch_size`; the last one is shorter (no example is dropped)."""
+        count = len(self.order)
+        slices = [slice(s, min(s + self.batch_size, count)) for s in range(0, count, self.batch_size)]
+        return slices[:max_batches]
+
+    def head(self, count: int) -> EpochPlan:
+        """The first `count` positions only (for --dry-run)."""
+        return EpochPlan(self.order[:count], self.crop[:count], self.angles[:count],
+                         self.batch_size, self.crop_size)
+
+    def augmented_pixels(self, images: np.ndarray, positions: slice) -> np.ndarray:
+        """The augmented uint8 images at `positions` of this epoch's order."""
+        return augment(
+            images[self.order[positions]],
+            self.crop[positions],
+            rotation_source_index(self.angles[positions]),
+            self.crop_size,
+        )
+
+
+def plan_epoch(
+    seed: int, epoch: int, num_examples: int, batch_size: int, augmentation: Augmentation
+) -> EpochPlan:
+    """The shuffle and augmentation draws of `epoch` (1-based) for `seed`."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(num_examples)
+    crop, angles = draw_augmentation(rng, num_examples, augmentation)
+    return EpochPlan(order, crop, angles, batch_size, augmentation.crop_size)
+
+
+def train_batches(
+    plan: EpochPlan, images: np.ndarray, labels: np.ndarray, max_batches: int | None = None
+) -> Iterator[Batch]:
+    """Augmented, normalised training batches of one epoch, in the plan's order."""
+    for positions in plan.batch_slices(max_batches):
+        pixels = plan.augmented_pixels(images, positions)
+        yield Batch(normalize(pixels), labels[plan.order[positions]].astype(np.int64))
