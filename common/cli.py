@@ -1,0 +1,92 @@
+"""The command line of both trainers: one parser, so the flags and their meanings cannot drift.
+
+Flags follow PyTorch's examples/mnist. Hyper-parameter flags default to "the recipe's value",
+so `--recipe` picks a complete recipe and any flag given on top overrides one field of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+from common.mnist import DATA_DIR_ENV, DEFAULT_DATA_DIR
+from common.recipes import DEFAULT_RECIPE, RECIPES
+
+DEVICES = ("auto", "cpu", "gpu")
+DEFAULT_TEST_BATCH_SIZE = 1000
+DRY_RUN_EPOCHS = 2
+DRY_RUN_TRAIN_BATCHES = 4
+DRY_RUN_TEST_IMAGES = 1000
+
+
+def build_parser(framework: str, module: str) -> argparse.ArgumentParser:
+    """The trainer's parser; only the program name and the framework's name differ."""
+    recipes = ", ".join(f"{name} ({recipe.epochs} epochs, batch {recipe.batch_size}, lr {recipe.lr})"
+                        for name, recipe in RECIPES.items())
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module}",
+        description=(
+            f"Train the 4,328-parameter ERA V1 Session 6 MNIST CNN with {framework}. "
+            "Writes metrics.jsonl, curves.png, samples.png, misclassified.png, config.json and a "
+            "checkpoint into the run directory."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                        help=f"training recipe; known: {recipes}. Default: {DEFAULT_RECIPE}")
+    parser.add_argument("--epochs", type=_positive_int, default=None, metavar="N",
+                        help="number of epochs (default: the recipe's)")
+    parser.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+                        help="training batch size (default: the recipe's)")
+    parser.add_argument("--test-batch-size", type=_positive_int, default=DEFAULT_TEST_BATCH_SIZE,
+                        metavar="N", help="evaluation batch size (does not change results)")
+    parser.add_argument("--lr", type=_positive_float, default=None, metavar="LR",
+                        help="peak learning rate (default: the recipe's)")
+    parser.add_argument("--momentum", type=_unit_interval, default=None, metavar="M",
+                        help="SGD momentum in [0, 1) (default: the recipe's)")
+    parser.add_argument("--seed", type=_non_negative_int, default=None, metavar="S",
+                        help="seed of the weights, the shuffle, the augmentation and dropout. "
+                             "Default: 0")
+    parser.add_argument("--data-dir", default=None, metavar="DIR",
+                        help=f"directory with the MNIST files (gzipped or not, or torchvision's "
+                             f"MNIST/raw); missing files are downloaded there. Default: "
+                             f"${DATA_DIR_ENV}, else {DEFAULT_DATA_DIR}")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="run directory for metrics, plots, config and checkpoint. Default: "
+                             "runs/<framework>-<recipe>-seed<S>-<date-time>")
+    parser.add_argument("--dry-run", action="store_true",
+                        help=f"quick check that everything runs: at most {DRY_RUN_EPOCHS} epochs of "
+                             f"{DRY_RUN_TRAIN_BATCHES} batches, tested on the first "
+                             f"{DRY_RUN_TEST_IMAGES} test images")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="where to train: auto picks a GPU (or TPU, in JAX) when the framework "
+                             "sees one, else the CPU")
+    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                        help="CPU threads the framework may use (default: the framework's choice)")
+    parser.add_argument("--save-model", action="store_true",
+                        help="also save the final weights alone (model.pt or model.msgpack) for "
+                             "evaluation or sharing")
+    parser.add_argument("--resume", default=None, metavar="PATH",
+                        help="continue a run from its checkpoint (a run directory or checkpoint "
+                             "file), in that directory, with its recipe and seed")
+    return parser
+
+
+def _checked(convert: Callable[[str], float], accept: Callable[[float], bool], wanted: str):
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}")
+        return value
+
+    return parse
+
+
+_positive_int = _checked(int, lambda v: v > 0, "a positive integer")
+_non_negative_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
+_positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
+_unit_interval = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
