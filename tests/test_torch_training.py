@@ -1,0 +1,144 @@
+"""torch_ref.train end to end on the real data: dry run, artefacts, checkpoints, resume, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from common.cli import build_parser
+from common.errors import CheckpointError, TrainingDivergedError
+from common.metrics import read_metrics
+from common.progress import EpochProgress
+from common.recipes import SEED
+from common.training import main
+from torch_ref.train import FRAMEWORK
+from torch_ref.trainer import TorchTrainer, read_checkpoint
+
+
+def train(args, data_dir, framework=FRAMEWORK) -> int:
+    return main(framework, [*args, "--data-dir", str(data_dir), "--threads", "1"])
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory, mnist_dir):
+    out = tmp_path_factory.mktemp("runs") / "dry"
+    assert train(["--dry-run", "--out", str(out), "--save-model"], mnist_dir) == 0
+    return out
+
+
+def test_dry_run_writes_every_artefact(dry_run):
+    names = {p.name for p in dry_run.iterdir()}
+    assert {"metrics.jsonl", "curves.png", "samples.png", "misclassified.png", "config.json",
+            "checkpoint.pt", "model.pt"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    history = read_metrics(dry_run / "metrics.jsonl")
+    assert [r.epoch for r in history] == [1, 2]
+    for record in history:
+        values = dataclasses.asdict(record).values()
+        assert all(np.isfinite(v) for v in values)
+        assert 0 <= record.test_accuracy <= 100 and record.lr == 0.04
+    config = json.loads((dry_run / "config.json").read_text())
+    assert config["recipe"]["name"] == "seed" and config["seed"] == 0 and config["dry_run"] is True
+
+
+def test_checkpoint_round_trip_gives_identical_predictions(dry_run, mnist):
+    meta, state = read_checkpoint(dry_run / "checkpoint.pt")
+    assert meta["epoch"] == 2 and len(meta["history"]) == 2
+    first = TorchTrainer(SEED, seed=1, device="cpu", threads=1)
+    first.restore(state)
+    second = TorchTrainer(SEED, seed=2, device="cpu", threads=1)
+    second.restore(read_checkpoint(dry_run / "checkpoint.pt")[1])
+    images = (mnist.test_images[:100] / 255.0).astype(np.float32)
+    np.testing.assert_array_equal(first.predict(images, 50), second.predict(images, 50))
+    assert first.learning_rate() == 0.04
+
+
+def test_saved_model_loads_into_the_original_architecture(dry_run):
+    import torch
+
+    from torch_ref.model import Net
+
+    Net().load_state_dict(torch.load(dry_run / "model.pt", weights_only=True), strict=True)
+
+
+def test_resume_continues_exactly_where_an_interrupted_run_stopped(tmp_path, mnist_dir, dry_run):
+    class StopsAfterOneEpoch(TorchTrainer):
+        epochs_run = 0
+
+        def train_epoch(self, *args):
+            if StopsAfterOneEpoch.epochs_run == 1:
+                raise KeyboardInterrupt
+            StopsAfterOneEpoch.epochs_run += 1
+            super().train_epoch(*args)
+
+    out = tmp_path / "interrupted"
+    interrupted = dataclasses.replace(FRAMEWORK, create_trainer=StopsAfterOneEpoch)
+    assert train(["--dry-run", "--out", str(out)], mnist_dir, interrupted) == 130
+    assert [r.epoch for r in read_metrics(out / "metrics.jsonl")] == [1]
+    assert train(["--dry-run", "--resume", str(out)], mnist_dir) == 0
+    resumed, uninterrupted = read_metrics(out / "metrics.jsonl"), read_metrics(dry_run / "metrics.jsonl")
+    # Same batches, weights, optimizer state and dropout RNG: the same numbers (timings aside).
+    assert [(r.train_loss, r.test_loss, r.test_accuracy) for r in resumed] == \
+        [(r.train_loss, r.test_loss, r.test_accuracy) for r in uninterrupted]
+
+
+def test_resume_refuses_a_different_recipe(dry_run, mnist_dir, capsys):
+    assert train(["--resume", str(dry_run), "--lr", "0.1"], mnist_dir) == 2
+    assert "--lr 0.1 (checkpoint: 0.04)" in capsys.readouterr().err
+
+
+def test_existing_checkpoint_is_never_overwritten(dry_run, mnist_dir, capsys):
+    before = (dry_run / "checkpoint.pt").read_bytes()
+    assert train(["--dry-run", "--out", str(dry_run)], mnist_dir) == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert (dry_run / "checkpoint.pt").read_bytes() == before
+
+
+def test_truncated_checkpoint_gives_a_clear_error_and_stays_as_it_is(dry_run, tmp_path, mnist_dir, capsys):
+    broken = tmp_path / "checkpoint.pt"
+    broken.write_bytes((dry_run / "checkpoint.pt").read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_checkpoint(broken)
+    assert train(["--resume", str(broken)], mnist_dir) == 2
+    assert "cannot be read as a PyTorch checkpoint" in capsys.readouterr().err
+    assert len(broken.read_bytes()) == 5000
+
+
+def test_diverging_loss_stops_with_a_clear_error(tmp_path, mnist_dir, capsys):
+    out = tmp_path / "diverged"
+    assert train(["--dry-run", "--lr", "1e30", "--out", str(out)], mnist_dir) == 2
+    assert "the training loss became nan" in capsys.readouterr().err.lower()
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_progress_rejects_non_finite_loss():
+    progress = EpochProgress(1, 1, 100, enabled=False)
+    progress.update(50, 10.0, 40)
+    with pytest.raises(TrainingDivergedError, match="after 100 images"):
+        progress.update(50, float("inf"), 0)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "-1"], "'-1' is not a positive number"),
+    (["--epochs", "0"], "'0' is not a positive integer"),
+    (["--momentum", "1.5"], "is not a number in [0, 1)"),
+    (["--device", "tpu9"], "invalid choice"),
+    (["--recipe", "nope"], "invalid choice"),
+])
+def test_bad_flags_are_rejected_by_the_parser(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser("PyTorch", "torch_ref.train").parse_args(flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_explains_every_flag():
+    parser = build_parser("PyTorch", "torch_ref.train")
+    expected = {"--recipe", "--epochs", "--batch-size", "--test-batch-size", "--lr", "--momentum", "--seed",
+                "--data-dir", "--out", "--dry-run", "--device", "--threads", "--save-model", "--resume"}
+    options = {a.option_strings[-1]: a for a in parser._actions if a.option_strings and a.dest != "help"}
+    assert set(options) == expected
+    assert all(len(action.help) > 20 for action in options.values())

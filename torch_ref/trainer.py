@@ -1,0 +1,133 @@
+"""PyTorch's side of the training driver: the model, SGD, the schedule and checkpoints.
+
+Written the plain PyTorch way (an eager loop, `torch.optim.SGD`, an `lr_scheduler` stepped
+per epoch) because this package is the reference the JAX port is checked against.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.batching import EpochPlan, train_batches
+from common.errors import CheckpointError, UserFacingError
+from common.progress import EpochProgress
+from common.recipes import Recipe
+from torch_ref.model import Net
+
+CHECKPOINT_KEYS = {"meta", "model", "optimizer", "scheduler", "rng"}
+
+
+def select_device(choice: str) -> torch.device:
+    """--device: auto -> CUDA when available, else CPU; gpu insists on CUDA."""
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserFacingError("--device gpu: PyTorch sees no CUDA device here; use --device cpu or auto.")
+    return torch.device("cuda")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe) -> torch.optim.lr_scheduler.LRScheduler:
+    """The recipe's schedule as a PyTorch scheduler, stepped once per epoch."""
+    schedule = recipe.schedule
+    if schedule.kind == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=schedule.step_size, gamma=schedule.gamma)
+    raise ValueError(f"unknown schedule kind {schedule.kind!r}")
+
+
+def to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(N, 28, 28) float32 NumPy images -> (N, 1, 28, 28) tensor, NCHW as the model expects."""
+    return torch.from_numpy(images).unsqueeze(1).to(device)
+
+
+class TorchTrainer:
+    """Model, optimiser and scheduler of one run, seeded by `seed`."""
+
+    def __init__(self, recipe: Recipe, seed: int, device: str, threads: int | None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = select_device(device)
+        torch.manual_seed(seed)  # initial weights and the dropout masks that follow
+        self.model = Net(dropout=recipe.dropout).to(self.device)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+            nesterov=recipe.nesterov, weight_decay=recipe.weight_decay,
+        )
+        self.scheduler = make_scheduler(self.optimizer, recipe)
+
+    def describe(self) -> dict[str, Any]:
+        return {"framework": "PyTorch", "version": torch.__version__, "device": str(self.device),
+                "threads": torch.get_num_threads()}
+
+    def learning_rate(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train_epoch(self, plan: EpochPlan, images: np.ndarray, labels: np.ndarray, progress: EpochProgress) -> None:
+        self.model.train()
+        for batch in train_batches(plan, images, labels):
+            inputs = to_tensor(batch.images, self.device)
+            targets = torch.from_numpy(batch.labels).to(self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            log_probs = self.model(inputs)
+            loss = F.nll_loss(log_probs, targets)
+            loss.backward()
+            self.optimizer.step()
+            correct = (log_probs.argmax(dim=1) == targets).sum().item()
+            progress.update(len(targets), loss.item() * len(targets), correct)
+        self.scheduler.step()
+
+    def predict(self, images: np.ndarray, batch_size: int) -> np.ndarray:
+        self.model.eval()
+        outputs = []
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                outputs.append(self.model(to_tensor(images[start : start + batch_size], self.device)).cpu())
+        return torch.cat(outputs).numpy()
+
+    def checkpoint_bytes(self, meta: dict) -> bytes:
+        # Only tensors, numbers and strings, so that torch.load(weights_only=True) can read it.
+        state = {
+            "meta": json.dumps(meta),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        return buffer.getvalue()
+
+    def restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+
+    def model_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        torch.save(self.model.state_dict(), buffer)
+        return buffer.getvalue()
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict]:
+    """(meta, state) of a checkpoint written by TorchTrainer; never executes code from the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(
+            f"{path} cannot be read as a PyTorch checkpoint ({type(error).__name__}: {error}). It may "
+            "be truncated or not a checkpoint of this project; it was not modified."
+        ) from error
+    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
+        raise CheckpointError(f"{path} is not a torch_ref training checkpoint (expected keys "
+                              f"{sorted(CHECKPOINT_KEYS)}); it was not modified.")
+    meta = json.loads(state["meta"])
+    if meta.get("framework") != "torch":
+        raise CheckpointError(f"{path} was written by {meta.get('framework')!r}, not by torch_ref.")
+    return meta, state
