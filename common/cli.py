@@ -31,37 +31,37 @@ def build_parser(framework: str, module: str) -> argparse.ArgumentParser:
             "Writes metrics.jsonl, curves.png, samples.png, misclassified.png, config.json and a "
             "checkpoint into the run directory."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--recipe", choices=sorted(RECIPES), default=None,
-                        help=f"training recipe; known: {recipes}. Default: {DEFAULT_RECIPE}")
+                        help=f"training recipe; known: {recipes} (default: {DEFAULT_RECIPE})")
     parser.add_argument("--epochs", type=_positive_int, default=None, metavar="N",
                         help="number of epochs (default: the recipe's)")
     parser.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
                         help="training batch size (default: the recipe's)")
     parser.add_argument("--test-batch-size", type=_positive_int, default=DEFAULT_TEST_BATCH_SIZE,
-                        metavar="N", help="evaluation batch size (does not change results)")
+                        metavar="N",
+                        help=f"evaluation batch size; does not change results (default: {DEFAULT_TEST_BATCH_SIZE})")
     parser.add_argument("--lr", type=_positive_float, default=None, metavar="LR",
                         help="peak learning rate (default: the recipe's)")
     parser.add_argument("--momentum", type=_unit_interval, default=None, metavar="M",
                         help="SGD momentum in [0, 1) (default: the recipe's)")
     parser.add_argument("--seed", type=_non_negative_int, default=None, metavar="S",
-                        help="seed of the weights, the shuffle, the augmentation and dropout. "
-                             "Default: 0")
+                        help="seed of the weights, the shuffle, the augmentation and dropout "
+                             "(default: 0)")
     parser.add_argument("--data-dir", default=None, metavar="DIR",
                         help=f"directory with the MNIST files (gzipped or not, or torchvision's "
-                             f"MNIST/raw); missing files are downloaded there. Default: "
-                             f"${DATA_DIR_ENV}, else {DEFAULT_DATA_DIR}")
+                             f"MNIST/raw); missing files are downloaded there (default: "
+                             f"${DATA_DIR_ENV}, else {DEFAULT_DATA_DIR})")
     parser.add_argument("--out", default=None, metavar="DIR",
-                        help="run directory for metrics, plots, config and checkpoint. Default: "
-                             "runs/<framework>-<recipe>-seed<S>-<date-time>")
+                        help="run directory for metrics, plots, config and checkpoint (default: "
+                             "runs/<framework>-<recipe>-seed<S>-<date-time>)")
     parser.add_argument("--dry-run", action="store_true",
                         help=f"quick check that everything runs: at most {DRY_RUN_EPOCHS} epochs of "
                              f"{DRY_RUN_TRAIN_BATCHES} batches, tested on the first "
                              f"{DRY_RUN_TEST_IMAGES} test images")
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="where to train: auto picks a GPU (or TPU, in JAX) when the framework "
-                             "sees one, else the CPU")
+                             "sees one, else the CPU (default: auto)")
     parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                         help="CPU threads the framework may use (default: the framework's choice)")
     parser.add_argument("--save-model", action="store_true",

@@ -27,8 +27,9 @@ class EpochRecord:
     train_accuracy: float
     test_loss: float
     test_accuracy: float
-    epoch_seconds: float  # training only: augmentation, forward, backward, update
-    eval_seconds: float
+    epoch_seconds: float  # training only: augmentation, forward, backward, update (wall clock)
+    eval_seconds: float  # evaluation on the test set (wall clock)
+    compile_seconds: float  # part of the two above spent compiling (0 for eager PyTorch)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,9 @@ class Trainer(Protocol):
     ) -> None:
         """Train on every batch of `plan` (uint8 `images`), reporting each to `progress`."""
 
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling so far (0 for eager execution)."""
+
     def predict(self, images: np.ndarray, batch_size: int) -> np.ndarray:
         """Eval-mode log-probabilities (N, 10) float32 of normalised images (N, 28, 28)."""
 
@@ -63,6 +66,17 @@ class Trainer(Protocol):
 
 
 @dataclass(frozen=True)
+class TrainerConfig:
+    """What a framework needs to build its model, optimiser and schedule."""
+
+    recipe: Recipe
+    seed: int
+    device: str  # --device: auto, cpu or gpu
+    threads: int | None
+    steps_per_epoch: int  # per-step schedules (optax) need it to express per-epoch ones
+
+
+@dataclass(frozen=True)
 class Framework:
     """How the driver reaches one framework."""
 
@@ -71,7 +85,7 @@ class Framework:
     module: str  # the CLI module, for --help and messages
     checkpoint_name: str
     model_name: str
-    create_trainer: Callable[[Recipe, int, str, int | None], Trainer]
+    create_trainer: Callable[[TrainerConfig], Trainer]
     read_checkpoint: Callable[[Path], tuple[dict, Any]]  # -> (meta, state), CheckpointError if bad
 
 
@@ -126,7 +140,10 @@ def run(framework: Framework, settings: RunSettings, resumed: tuple[dict, Any] |
     test_labels = data.test_labels[:test_count]
     epochs = min(recipe.epochs, cli.DRY_RUN_EPOCHS) if settings.dry_run else recipe.epochs
 
-    trainer = framework.create_trainer(recipe, settings.seed, settings.device, settings.threads)
+    steps_per_epoch = len(_epoch_plan(settings, data, 1).batch_slices())
+    trainer = framework.create_trainer(
+        TrainerConfig(recipe, settings.seed, settings.device, settings.threads, steps_per_epoch)
+    )
     history: list[EpochRecord] = []
     if resumed:
         meta, state = resumed
@@ -142,7 +159,7 @@ def run(framework: Framework, settings: RunSettings, resumed: tuple[dict, Any] |
         plan = _epoch_plan(settings, data, epoch)
         if epoch == 1:
             _plot_samples(plan, data, out / "samples.png")
-        lr = trainer.learning_rate()
+        lr, compiled_before = trainer.learning_rate(), trainer.compile_seconds()
         progress = EpochProgress(epoch, epochs, len(plan.order), enabled=sys.stderr.isatty())
         started = time.perf_counter()
         trainer.train_epoch(plan, data.train_images, data.train_labels, progress)
@@ -152,8 +169,8 @@ def run(framework: Framework, settings: RunSettings, resumed: tuple[dict, Any] |
         started = time.perf_counter()
         evaluation = evaluate_log_probs(trainer.predict(test_inputs, settings.test_batch_size), test_labels)
         eval_seconds = time.perf_counter() - started
-        record = EpochRecord(epoch, lr, progress.loss, progress.accuracy, evaluation.loss,
-                             evaluation.accuracy, epoch_seconds, eval_seconds)
+        record = EpochRecord(epoch, lr, progress.loss, progress.accuracy, evaluation.loss, evaluation.accuracy,
+                             epoch_seconds, eval_seconds, trainer.compile_seconds() - compiled_before)
         history.append(record)
         meta = {"format": CHECKPOINT_FORMAT, "framework": framework.name, "epoch": epoch,
                 "settings": settings.to_dict(), "history": [dataclasses.asdict(r) for r in history]}
@@ -237,11 +254,12 @@ def _announce(framework: Framework, settings: RunSettings, trainer: Trainer, don
 
 
 def _print_epoch(record: EpochRecord, correct: int, total: int) -> None:
+    compiling = f" (incl. {record.compile_seconds:.1f} s compiling)" if record.compile_seconds else ""
     tqdm.write(
         f"epoch {record.epoch:2d}  lr {record.lr:.5f}  train loss {record.train_loss:.4f} "
         f"acc {record.train_accuracy:.2f}%  |  Test set: average loss {record.test_loss:.4f}, "
         f"accuracy {correct}/{total} ({record.test_accuracy:.2f}%)  |  {record.epoch_seconds:.1f} s train, "
-        f"{record.eval_seconds:.1f} s test"
+        f"{record.eval_seconds:.1f} s test{compiling}"
     )
 
 

@@ -13,7 +13,7 @@ from common.errors import CheckpointError, TrainingDivergedError
 from common.metrics import read_metrics
 from common.progress import EpochProgress
 from common.recipes import SEED
-from common.training import main
+from common.training import TrainerConfig, main
 from torch_ref.train import FRAMEWORK
 from torch_ref.trainer import TorchTrainer, read_checkpoint
 
@@ -47,9 +47,9 @@ def test_dry_run_writes_every_artefact(dry_run):
 def test_checkpoint_round_trip_gives_identical_predictions(dry_run, mnist):
     meta, state = read_checkpoint(dry_run / "checkpoint.pt")
     assert meta["epoch"] == 2 and len(meta["history"]) == 2
-    first = TorchTrainer(SEED, seed=1, device="cpu", threads=1)
+    first = TorchTrainer(TrainerConfig(SEED, seed=1, device="cpu", threads=1, steps_per_epoch=4))
     first.restore(state)
-    second = TorchTrainer(SEED, seed=2, device="cpu", threads=1)
+    second = TorchTrainer(TrainerConfig(SEED, seed=2, device="cpu", threads=1, steps_per_epoch=4))
     second.restore(read_checkpoint(dry_run / "checkpoint.pt")[1])
     images = (mnist.test_images[:100] / 255.0).astype(np.float32)
     np.testing.assert_array_equal(first.predict(images, 50), second.predict(images, 50))

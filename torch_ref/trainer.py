@@ -19,6 +19,7 @@ from common.batching import EpochPlan, train_batches
 from common.errors import CheckpointError, UserFacingError
 from common.progress import EpochProgress
 from common.recipes import Recipe
+from common.training import TrainerConfig
 from torch_ref.model import Net
 
 CHECKPOINT_KEYS = {"meta", "model", "optimizer", "scheduler", "rng"}
@@ -49,11 +50,12 @@ def to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
 class TorchTrainer:
     """Model, optimiser and scheduler of one run, seeded by `seed`."""
 
-    def __init__(self, recipe: Recipe, seed: int, device: str, threads: int | None):
-        if threads:
-            torch.set_num_threads(threads)
-        self.device = select_device(device)
-        torch.manual_seed(seed)  # initial weights and the dropout masks that follow
+    def __init__(self, config: TrainerConfig):
+        recipe = config.recipe
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = select_device(config.device)
+        torch.manual_seed(config.seed)  # initial weights and the dropout masks that follow
         self.model = Net(dropout=recipe.dropout).to(self.device)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
@@ -67,6 +69,9 @@ class TorchTrainer:
 
     def learning_rate(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def compile_seconds(self) -> float:
+        return 0.0  # eager: nothing is compiled
 
     def train_epoch(self, plan: EpochPlan, images: np.ndarray, labels: np.ndarray, progress: EpochProgress) -> None:
         self.model.train()
