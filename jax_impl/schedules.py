@@ -1,0 +1,37 @@
+"""Recipes' learning-rate schedules as optax schedules, which are functions of the step.
+
+PyTorch steps an epoch-level scheduler once per epoch; optax asks for the learning rate of
+every optimiser step. The translation is exact when the schedule is written in steps with
+`steps_per_epoch` steps to an epoch, and the parity tests check it at every step of a run.
+"""
+
+from __future__ import annotations
+
+import optax
+
+from common.recipes import Recipe
+
+
+def learning_rate_schedule(recipe: Recipe, steps_per_epoch: int) -> optax.Schedule:
+    """The learning rate of each optimiser step (counted from 0) for `recipe`."""
+    schedule = recipe.schedule
+    if schedule.kind == "step":
+        # StepLR(step_size, gamma) stepped per epoch: lr * gamma ** (epoch // step_size).
+        return optax.exponential_decay(
+            recipe.lr, transition_steps=schedule.step_size * steps_per_epoch,
+            decay_rate=schedule.gamma, staircase=True,
+        )
+    raise ValueError(f"unknown schedule kind {schedule.kind!r}")
+
+
+def make_optimizer(recipe: Recipe, steps_per_epoch: int) -> optax.GradientTransformation:
+    """SGD as PyTorch's torch.optim.SGD computes it: weight decay added to the gradient, then
+    momentum buffer = momentum * buffer + gradient, then parameter -= lr * buffer."""
+    sgd = optax.sgd(
+        learning_rate_schedule(recipe, steps_per_epoch),
+        momentum=recipe.momentum or None,
+        nesterov=recipe.nesterov,
+    )
+    if recipe.weight_decay:
+        return optax.chain(optax.add_decayed_weights(recipe.weight_decay), sgd)
+    return sgd

@@ -1,0 +1,95 @@
+"""The pure functions of training: state creation, one SGD step, evaluation.
+
+Everything here is a function of its arguments: parameters, BatchNorm statistics and the
+optimiser state travel in `TrainState`, randomness in an explicit key. `train_step` is
+compiled once per batch shape and donates the incoming state, so XLA updates it in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax.training import train_state
+
+from common.recipes import Recipe
+from common.spec import IMAGE_SIZE, NUM_CLASSES
+from jax_impl.model import Net
+from jax_impl.schedules import make_optimizer
+
+
+class TrainState(train_state.TrainState):
+    """Flax's TrainState (step, params, optimiser state, apply_fn, tx) plus BatchNorm statistics."""
+
+    batch_stats: Any
+
+
+def create_train_state(key: jax.Array, recipe: Recipe, steps_per_epoch: int) -> TrainState:
+    """Fresh weights (PyTorch's initial distributions) and an empty optimiser state."""
+    model = Net(dropout=recipe.dropout)
+    variables = model.init(key, jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1), jnp.float32), train=False)
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        tx=make_optimizer(recipe, steps_per_epoch),
+    )
+
+
+def nll_loss(log_probs: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean negative log-likelihood, as torch.nn.functional.nll_loss."""
+    return -jnp.take_along_axis(log_probs, labels[:, None], axis=1).mean()
+
+
+def _check_batch(images: jax.Array, labels: jax.Array) -> None:
+    """Trace-time checks: they cost nothing per step and catch NCHW or int64 inputs early."""
+    chex.assert_rank(images, 4)
+    chex.assert_shape(images, (None, IMAGE_SIZE, IMAGE_SIZE, 1))
+    chex.assert_type(images, jnp.float32)
+    chex.assert_shape(labels, (images.shape[0],))
+    chex.assert_type(labels, jnp.int32)
+
+
+def train_step(
+    state: TrainState, batch: tuple[jax.Array, jax.Array], key: jax.Array
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD step on (images NHWC float32, labels int32).
+
+    `key` is the run's dropout key; this step's masks come from fold_in(key, state.step), so
+    the masks depend only on the seed and the step number, and a resumed run draws the same.
+    Returns the new state and the batch's summed loss and correct count.
+    """
+    images, labels = batch
+    _check_batch(images, labels)
+    step_key = jax.random.fold_in(key, state.step)
+
+    def loss_fn(params):
+        log_probs, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+            rngs={"dropout": step_key}, mutable=["batch_stats"],
+        )
+        return nll_loss(log_probs, labels), (log_probs, updates["batch_stats"])
+
+    (loss, (log_probs, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    metrics = {
+        "loss_sum": loss * labels.shape[0],
+        "correct": jnp.sum(jnp.argmax(log_probs, axis=1) == labels),
+    }
+    return state, metrics
+
+
+def eval_step(state: TrainState, images: jax.Array) -> jax.Array:
+    """Eval-mode log-probabilities (running BatchNorm statistics, no dropout)."""
+    chex.assert_rank(images, 4)
+    chex.assert_type(images, jnp.float32)
+    log_probs = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images, train=False)
+    chex.assert_shape(log_probs, (images.shape[0], NUM_CLASSES))
+    return log_probs
+
+
+jit_train_step = jax.jit(train_step, donate_argnums=0)
+jit_eval_step = jax.jit(eval_step)
+

@@ -1,0 +1,40 @@
+"""`python -m jax_impl.train`: train the Session 6 model with JAX (see --help).
+
+Same flags, output and artefacts as `python -m torch_ref.train`; compiled programs are kept
+in a persistent cache (override the folder with $JAX_COMPILATION_CACHE_DIR), so a second run
+starts without compiling.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+
+from common.mnist import DEFAULT_DATA_DIR
+from common.training import Framework, main
+from jax_impl.trainer import JaxTrainer, read_checkpoint
+
+FRAMEWORK = Framework(
+    name="jax",
+    title="JAX",
+    module="jax_impl.train",
+    checkpoint_name="checkpoint.msgpack",
+    model_name="model.msgpack",
+    create_trainer=JaxTrainer,
+    read_checkpoint=read_checkpoint,
+)
+
+
+def enable_compilation_cache() -> None:
+    """Persist every compiled program (they take seconds to build, milliseconds to load)."""
+    cache_dir = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(DEFAULT_DATA_DIR.parent / "era-s6-jax-cache"))
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+if __name__ == "__main__":
+    enable_compilation_cache()
+    sys.exit(main(FRAMEWORK))

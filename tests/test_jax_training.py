@@ -1,0 +1,188 @@
+"""jax_impl's training: steps, schedule, device augmentation, epochs, CLI, checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from common.batching import plan_epoch
+from common.cli import build_parser
+from common.errors import CheckpointError
+from common.metrics import read_metrics
+from common.progress import EpochProgress
+from common.recipes import SEED
+from common.training import TrainerConfig, main
+from common.transforms import augment as core_augment
+from common.transforms import normalize as core_normalize
+from common.transforms import rotation_source_index
+from jax_impl import augment
+from jax_impl.epochs import LoopEpoch, ScanEpoch
+from jax_impl.schedules import learning_rate_schedule
+from jax_impl.steps import create_train_state, jit_eval_step, jit_train_step
+from jax_impl.train import FRAMEWORK
+from jax_impl.trainer import JaxTrainer, read_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def small_batch(seed=0, count=32):
+    rng = np.random.default_rng(seed)
+    images = jnp.asarray(rng.normal(size=(count, 28, 28, 1)).astype(np.float32))
+    labels = jnp.asarray(rng.integers(0, 10, count).astype(np.int32))
+    return images, labels
+
+
+def test_jitted_step_lowers_the_loss_on_a_fixed_batch():
+    # 32 noise images with random labels, the seed's lr: memorising them takes ~40 steps
+    # (measured: loss 2.32 -> 0.18); dropout stays on, so ask only for a 4x drop.
+    state = create_train_state(jax.random.key(0), SEED, steps_per_epoch=10)
+    batch, key = small_batch(), jax.random.key(1)
+    losses = []
+    for _ in range(40):
+        state, metrics = jit_train_step(state, batch, key)
+        losses.append(float(metrics["loss_sum"]) / 32)
+    assert int(state.step) == 40
+    assert losses[-1] < 0.25 * losses[0]
+
+
+def test_step_rejects_wrong_layouts_and_dtypes_at_trace_time():
+    state = create_train_state(jax.random.key(0), SEED, steps_per_epoch=10)
+    images, labels = small_batch()
+    with pytest.raises(AssertionError):
+        jit_train_step(state, (images.transpose(0, 3, 1, 2), labels), jax.random.key(1))  # NCHW
+    with pytest.raises(AssertionError):
+        jit_train_step(state, (images, labels.astype(jnp.float32)), jax.random.key(1))
+
+
+def test_eval_is_deterministic():
+    state = create_train_state(jax.random.key(0), SEED, steps_per_epoch=10)
+    images, _ = small_batch()
+    np.testing.assert_array_equal(jit_eval_step(state, images), jit_eval_step(state, images))
+
+
+def test_step_schedule_is_steplr_per_epoch():
+    schedule = learning_rate_schedule(SEED, steps_per_epoch=235)
+    for step, expected in [(0, 0.04), (235 * 10 - 1, 0.04), (235 * 10, 0.004), (235 * 15 - 1, 0.004)]:
+        assert float(schedule(step)) == pytest.approx(expected, rel=1e-6)  # float32 schedule
+
+
+def test_device_augmentation_is_bit_identical_to_the_core(mnist):
+    plan = plan_epoch(0, 1, len(mnist.train_labels), 512, SEED.augmentation)
+    positions = slice(0, 512)
+    images = mnist.train_images[plan.order[positions]]
+    # Force crops on half of the batch so both paths are exercised.
+    crop = plan.crop[positions] | (np.arange(512) % 2 == 0)
+    source = rotation_source_index(plan.angles[positions])
+    expected = core_augment(images, crop, source, 22)
+    device = jax.jit(augment.augment, static_argnums=3)(images, crop, source.astype(np.int16), 22)
+    np.testing.assert_array_equal(np.asarray(device), expected)
+    np.testing.assert_array_equal(np.asarray(augment.normalize(device)), core_normalize(expected))
+
+
+def test_scan_epoch_and_step_loop_train_the_same(mnist):
+    """The two epoch runners see the same batches and draws; float32 reductions inside and outside
+    `scan` may be ordered differently, so parameters agree to float32 rounding, not bitwise."""
+    plan = plan_epoch(0, 1, len(mnist.train_labels), 64, SEED.augmentation).head(64 * 3 + 40)
+    device = jax.devices("cpu")[0]
+    key = jax.random.key(9)
+    results = []
+    for runner in (LoopEpoch(device), ScanEpoch(device)):
+        state = create_train_state(jax.random.key(0), SEED, steps_per_epoch=4)
+        progress = EpochProgress(1, 1, len(plan.order), enabled=False)
+        state = runner(state, key, plan, mnist.train_images, mnist.train_labels, progress)
+        results.append((state, progress.loss, progress.correct))
+    (loop_state, loop_loss, loop_correct), (scan_state, scan_loss, scan_correct) = results
+    assert int(loop_state.step) == int(scan_state.step) == 4
+    assert scan_loss == pytest.approx(loop_loss, rel=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(loop_state.params), jax.tree_util.tree_leaves(scan_state.params),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def train(args, data_dir, framework=FRAMEWORK) -> int:
+    return main(framework, [*args, "--data-dir", str(data_dir)])
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory, mnist_dir):
+    out = tmp_path_factory.mktemp("runs") / "dry"
+    assert train(["--dry-run", "--out", str(out), "--save-model"], mnist_dir) == 0
+    return out
+
+
+def test_dry_run_writes_the_same_artefacts_as_torch_ref(dry_run):
+    names = {p.name for p in dry_run.iterdir()}
+    assert {"metrics.jsonl", "curves.png", "samples.png", "misclassified.png", "config.json",
+            "checkpoint.msgpack", "model.msgpack"} <= names
+    history = read_metrics(dry_run / "metrics.jsonl")
+    assert [r.epoch for r in history] == [1, 2] and all(r.lr == pytest.approx(0.04) for r in history)
+    assert history[0].compile_seconds > 0
+    config = json.loads((dry_run / "config.json").read_text())
+    assert config["framework"]["framework"] == "JAX" and config["recipe"]["name"] == "seed"
+
+
+def test_checkpoint_round_trip(dry_run, mnist):
+    meta, payload = read_checkpoint(dry_run / "checkpoint.msgpack")
+    assert meta["epoch"] == 2
+    config = TrainerConfig(SEED, seed=5, device="cpu", threads=None, steps_per_epoch=4)
+    first, second = JaxTrainer(config), JaxTrainer(config)
+    first.restore(payload)
+    second.restore(read_checkpoint(dry_run / "checkpoint.msgpack")[1])
+    assert int(first.state.step) == 8
+    images = core_normalize(mnist.test_images[:100])
+    np.testing.assert_array_equal(first.predict(images, 50), second.predict(images, 50))
+
+
+def test_resume_continues_exactly_where_an_interrupted_run_stopped(tmp_path, mnist_dir, dry_run):
+    class StopsAfterOneEpoch(JaxTrainer):
+        epochs_run = 0
+
+        def train_epoch(self, *args):
+            if StopsAfterOneEpoch.epochs_run == 1:
+                raise KeyboardInterrupt
+            StopsAfterOneEpoch.epochs_run += 1
+            super().train_epoch(*args)
+
+    out = tmp_path / "interrupted"
+    assert train(["--dry-run", "--out", str(out)], mnist_dir,
+                 dataclasses.replace(FRAMEWORK, create_trainer=StopsAfterOneEpoch)) == 130
+    assert train(["--dry-run", "--resume", str(out)], mnist_dir) == 0
+    resumed, uninterrupted = read_metrics(out / "metrics.jsonl"), read_metrics(dry_run / "metrics.jsonl")
+    assert [(r.train_loss, r.test_loss, r.test_accuracy) for r in resumed] == \
+        [(r.train_loss, r.test_loss, r.test_accuracy) for r in uninterrupted]
+
+
+def test_truncated_checkpoint_is_reported_and_left_alone(dry_run, tmp_path, mnist_dir, capsys):
+    broken = tmp_path / "checkpoint.msgpack"
+    broken.write_bytes((dry_run / "checkpoint.msgpack").read_bytes()[:3000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_checkpoint(broken)
+    assert train(["--resume", str(broken)], mnist_dir) == 2
+    assert "cannot be read as a JAX checkpoint" in capsys.readouterr().err
+    assert len(broken.read_bytes()) == 3000
+
+
+def test_a_torch_checkpoint_is_not_taken_for_a_jax_one(tmp_path, mnist_dir, capsys):
+    (tmp_path / "checkpoint.msgpack").write_bytes(b"PK\x03\x04 not msgpack")
+    assert train(["--resume", str(tmp_path)], mnist_dir) == 2
+    assert "cannot be read as a JAX checkpoint" in capsys.readouterr().err
+
+
+def test_help_equals_torch_ref_flag_for_flag():
+    def flags(framework, module):
+        parser = build_parser(framework, module)
+        return [(a.option_strings, a.default, a.choices, a.help) for a in parser._actions]
+
+    assert flags("JAX", "jax_impl.train") == flags("PyTorch", "torch_ref.train")
+
+
+def test_no_jax_impl_module_imports_torch():
+    for path in (REPO / "jax_impl").glob("*.py"):
+        source = path.read_text()
+        assert "import torch" not in source and "from torch" not in source, path
