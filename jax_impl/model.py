@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from common.spec import BATCHNORM_EPS, BATCHNORM_MOMENTUM, DROPOUT_RATE
+from jax_impl.fast_ops import make_chunked_weight_grad_conv, max_pool_2x2
 
 # PyTorch's default Conv2d init, kaiming_uniform(a=sqrt(5)): U(-b, b) with b = 1/sqrt(fan_in).
 # variance_scaling with scale 1/3 and a uniform distribution has limit sqrt(3 * scale / fan_in).
@@ -57,12 +58,11 @@ class BatchNorm2d(nn.Module):
 
 
 class MaxPool2d(nn.Module):
-    """2x2 max pooling, stride 2 (a module only so that it gets a row in the layer table)."""
-
-    window: int = 2
+    """2x2 max pooling, stride 2: `nn.max_pool`'s results and gradients, computed faster on CPU
+    (see jax_impl.fast_ops). A module only so that it gets a row in the layer table."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return nn.max_pool(x, (self.window, self.window), strides=(self.window, self.window))
+        return max_pool_2x2(x)
 
 
 class AvgPool2d(nn.Module):
@@ -78,14 +78,18 @@ class Net(nn.Module):
     """4,328 parameters; (N, 28, 28, 1) normalised images -> (N, 10) log-probabilities.
 
     `train=True` uses batch statistics, updates `batch_stats` (pass mutable=["batch_stats"])
-    and applies dropout with the "dropout" random key.
+    and applies dropout with the "dropout" random key. `weight_grad_chunk` (for CPUs, see
+    jax_impl.fast_ops) changes how kernel gradients are summed, not what they are.
     """
 
     dropout: float = DROPOUT_RATE
+    weight_grad_chunk: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         conv = partial(nn.Conv, padding="VALID", use_bias=False, kernel_init=torch_conv_init)
+        if self.weight_grad_chunk:
+            conv = partial(conv, conv_general_dilated=make_chunked_weight_grad_conv(self.weight_grad_chunk))
         drop = partial(nn.Dropout, rate=self.dropout, deterministic=not train)
 
         def block(x, conv_layer, bn_layer):  # conv -> ReLU -> BatchNorm, the seed's order

@@ -26,9 +26,11 @@ class TrainState(train_state.TrainState):
     batch_stats: Any
 
 
-def create_train_state(key: jax.Array, recipe: Recipe, steps_per_epoch: int) -> TrainState:
+def create_train_state(
+    key: jax.Array, recipe: Recipe, steps_per_epoch: int, weight_grad_chunk: int | None = None
+) -> TrainState:
     """Fresh weights (PyTorch's initial distributions) and an empty optimiser state."""
-    model = Net(dropout=recipe.dropout)
+    model = Net(dropout=recipe.dropout, weight_grad_chunk=weight_grad_chunk)
     variables = model.init(key, jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1), jnp.float32), train=False)
     return TrainState.create(
         apply_fn=model.apply,
@@ -44,10 +46,10 @@ def nll_loss(log_probs: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def _check_batch(images: jax.Array, labels: jax.Array) -> None:
-    """Trace-time checks: they cost nothing per step and catch NCHW or int64 inputs early."""
+    """Trace-time checks: they cost nothing per step and catch NCHW or integer inputs early."""
     chex.assert_rank(images, 4)
     chex.assert_shape(images, (None, IMAGE_SIZE, IMAGE_SIZE, 1))
-    chex.assert_type(images, jnp.float32)
+    chex.assert_type(images, float)
     chex.assert_shape(labels, (images.shape[0],))
     chex.assert_type(labels, jnp.int32)
 
@@ -66,10 +68,14 @@ def train_step(
     step_key = jax.random.fold_in(key, state.step)
 
     def loss_fn(params):
-        log_probs, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-            rngs={"dropout": step_key}, mutable=["batch_stats"],
-        )
+        # The classic (non-partitionable) Threefry lowering draws the dropout masks ~9x faster on
+        # one device (measured on CPU: 2.8 ms instead of 25 ms for conv2's mask); the masks are
+        # equally distributed, only the stream for a given key differs.
+        with jax.threefry_partitionable(False):
+            log_probs, updates = state.apply_fn(
+                {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+                rngs={"dropout": step_key}, mutable=["batch_stats"],
+            )
         return nll_loss(log_probs, labels), (log_probs, updates["batch_stats"])
 
     (loss, (log_probs, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -84,7 +90,7 @@ def train_step(
 def eval_step(state: TrainState, images: jax.Array) -> jax.Array:
     """Eval-mode log-probabilities (running BatchNorm statistics, no dropout)."""
     chex.assert_rank(images, 4)
-    chex.assert_type(images, jnp.float32)
+    chex.assert_type(images, float)
     log_probs = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images, train=False)
     chex.assert_shape(log_probs, (images.shape[0], NUM_CLASSES))
     return log_probs

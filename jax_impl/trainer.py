@@ -22,6 +22,7 @@ from common.errors import CheckpointError, UserFacingError
 from common.progress import EpochProgress
 from common.training import TrainerConfig
 from jax_impl.epochs import EPOCH_RUNNERS, AheadOfTime, default_epoch_runner
+from jax_impl.fast_ops import weight_grad_chunk_for
 from jax_impl.schedules import learning_rate_schedule
 from jax_impl.steps import create_train_state, eval_step
 
@@ -57,7 +58,9 @@ class JaxTrainer:
         init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
         self.dropout_key = jax.device_put(dropout_key, self.device)
         self.schedule = learning_rate_schedule(config.recipe, config.steps_per_epoch)
-        self.state = jax.device_put(create_train_state(init_key, config.recipe, config.steps_per_epoch), self.device)
+        state = create_train_state(init_key, config.recipe, config.steps_per_epoch,
+                                   weight_grad_chunk_for(self.device.platform))
+        self.state = jax.device_put(state, self.device)
         self.epoch_runner = EPOCH_RUNNERS[default_epoch_runner(self.device)](self.device)
         self.evaluate = AheadOfTime(jax.jit(eval_step))
 
