@@ -7,6 +7,7 @@ every optimiser step. The translation is exact when the schedule is written in s
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import optax
 
 from common.recipes import Recipe
@@ -17,11 +18,15 @@ def learning_rate_schedule(recipe: Recipe, steps_per_epoch: int) -> optax.Schedu
     schedule = recipe.schedule
     if schedule.kind == "step":
         # StepLR(step_size, gamma) stepped per epoch: lr * gamma ** (epoch // step_size).
-        return optax.exponential_decay(
+        per_step = optax.exponential_decay(
             recipe.lr, transition_steps=schedule.step_size * steps_per_epoch,
             decay_rate=schedule.gamma, staircase=True,
         )
-    raise ValueError(f"unknown schedule kind {schedule.kind!r}")
+    else:
+        raise ValueError(f"unknown schedule kind {schedule.kind!r}")
+    # optax counts steps in int32, and int32 / int is float32 in JAX: evaluated on a float count
+    # instead, the learning rate has the precision of the run (float64 when x64 is enabled).
+    return lambda count: per_step(jnp.asarray(count, dtype=jnp.result_type(float)))
 
 
 def make_optimizer(recipe: Recipe, steps_per_epoch: int) -> optax.GradientTransformation:
