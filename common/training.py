@@ -64,6 +64,9 @@ class Trainer(Protocol):
     def model_bytes(self) -> bytes:
         """The weights alone, for --save-model."""
 
+    def load_weights(self, weights: Any) -> None:
+        """Replace the weights by those `Framework.read_weights` returned (for evaluation)."""
+
 
 @dataclass(frozen=True)
 class TrainerConfig:
@@ -87,6 +90,7 @@ class Framework:
     model_name: str
     create_trainer: Callable[[TrainerConfig], Trainer]
     read_checkpoint: Callable[[Path], tuple[dict, Any]]  # -> (meta, state), CheckpointError if bad
+    read_weights: Callable[[Path], Any]  # checkpoint or model file -> weights for Trainer.load_weights
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,11 @@ from jax_impl.fast_ops import make_chunked_weight_grad_conv, max_pool_2x2
 torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+def bessel_correction(count: int) -> float:
+    """n / (n - 1): turns the biased batch variance into the unbiased one PyTorch keeps."""
+    return count / (count - 1)
+
+
 class BatchNorm2d(nn.Module):
     """BatchNorm with PyTorch's semantics, which Flax's `nn.BatchNorm` does not have.
 
@@ -50,7 +55,7 @@ class BatchNorm2d(nn.Module):
                 count = x.size // features
                 running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
                 running_var.value = (1 - self.momentum) * running_var.value + self.momentum * var * (
-                    count / (count - 1)
+                    bessel_correction(count)
                 )
         else:
             mean, var = running_mean.value, running_var.value
@@ -74,6 +79,11 @@ class AvgPool2d(nn.Module):
         return nn.avg_pool(x, (self.window, self.window), strides=(self.window, self.window))
 
 
+def conv_block(x: jax.Array, conv: nn.Module, batchnorm: nn.Module, train: bool) -> jax.Array:
+    """conv -> ReLU -> BatchNorm: the seed's order (BatchNorm after the ReLU)."""
+    return batchnorm(nn.relu(conv(x)), train)
+
+
 class Net(nn.Module):
     """4,328 parameters; (N, 28, 28, 1) normalised images -> (N, 10) log-probabilities.
 
@@ -92,16 +102,13 @@ class Net(nn.Module):
             conv = partial(conv, conv_general_dilated=make_chunked_weight_grad_conv(self.weight_grad_chunk))
         drop = partial(nn.Dropout, rate=self.dropout, deterministic=not train)
 
-        def block(x, conv_layer, bn_layer):  # conv -> ReLU -> BatchNorm, the seed's order
-            return bn_layer(nn.relu(conv_layer(x)), train)
-
-        x = block(x, conv(8, (3, 3), name="conv1"), BatchNorm2d(name="bn1"))
-        x = block(x, conv(16, (3, 3), name="conv2"), BatchNorm2d(name="bn2"))
+        x = conv_block(x, conv(8, (3, 3), name="conv1"), BatchNorm2d(name="bn1"), train)
+        x = conv_block(x, conv(16, (3, 3), name="conv2"), BatchNorm2d(name="bn2"), train)
         x = MaxPool2d(name="pool1")(drop(name="drop1")(x))
-        x = block(x, conv(8, (1, 1), name="conv3"), BatchNorm2d(name="bn3"))
-        x = block(x, conv(16, (3, 3), name="conv4"), BatchNorm2d(name="bn4"))
+        x = conv_block(x, conv(8, (1, 1), name="conv3"), BatchNorm2d(name="bn3"), train)
+        x = conv_block(x, conv(16, (3, 3), name="conv4"), BatchNorm2d(name="bn4"), train)
         x = MaxPool2d(name="pool2")(drop(name="drop2")(x))
-        x = block(x, conv(16, (1, 1), name="conv5"), BatchNorm2d(name="bn5"))
+        x = conv_block(x, conv(16, (1, 1), name="conv5"), BatchNorm2d(name="bn5"), train)
         x = nn.relu(conv(10, (3, 3), name="conv6")(x))  # ReLU, no BatchNorm, after conv6
         x = AvgPool2d(name="gap1")(x)
         return nn.log_softmax(x.reshape(x.shape[0], -1))

@@ -19,6 +19,11 @@ TORCH_LAYER_NAMES = {nn.Conv: "Conv2d", BatchNorm2d: "BatchNorm2d", nn.Dropout: 
                      MaxPool2d: "MaxPool2d", AvgPool2d: "AvgPool2d"}
 
 
+def torch_layer_name(module_type: type) -> str:
+    """The PyTorch name of a Flax layer type (subclasses included)."""
+    return next(name for flax_type, name in TORCH_LAYER_NAMES.items() if issubclass(module_type, flax_type))
+
+
 def layer_rows(model: Net) -> list[LayerRow]:
     """One `LayerRow` per submodule call of an eval-mode forward pass on one 28x28 image."""
     image = jax.ShapeDtypeStruct((1, IMAGE_SIZE, IMAGE_SIZE, 1), jnp.float32)
@@ -41,7 +46,7 @@ def layer_rows(model: Net) -> list[LayerRow]:
         (output,) = state["intermediates"][name]["__call__"]
         count = sum(leaf.size for leaf in jax.tree_util.tree_leaves(variables["params"].get(name, {})))
         channels_first = (output.shape[-1], *output.shape[1:-1])
-        rows.append(LayerRow(f"{TORCH_LAYER_NAMES[kinds[name]]}-{len(rows) + 1}", channels_first, count))
+        rows.append(LayerRow(f"{torch_layer_name(kinds[name])}-{len(rows) + 1}", channels_first, count))
     return rows
 
 

@@ -14,7 +14,7 @@ import jax
 
 from common.mnist import DEFAULT_DATA_DIR
 from common.training import Framework, main
-from jax_impl.trainer import JaxTrainer, read_checkpoint
+from jax_impl.trainer import JaxTrainer, read_checkpoint, read_weights
 
 FRAMEWORK = Framework(
     name="jax",
@@ -24,6 +24,7 @@ FRAMEWORK = Framework(
     model_name="model.msgpack",
     create_trainer=JaxTrainer,
     read_checkpoint=read_checkpoint,
+    read_weights=read_weights,
 )
 
 

@@ -100,16 +100,39 @@ class JaxTrainer:
         weights = {"params": self.state.params, "batch_stats": self.state.batch_stats}
         return serialization.msgpack_serialize(serialization.to_state_dict(jax.device_get(weights)))
 
+    def load_weights(self, variables: dict) -> None:
+        """Replace the weights (for evaluation) by variables {"params", "batch_stats"} of this model."""
+        current = {"params": self.state.params, "batch_stats": self.state.batch_stats}
+        try:
+            restored = serialization.from_state_dict(current, variables)
+        except (KeyError, ValueError, TypeError) as error:
+            raise CheckpointError(f"the weights do not fit the model: {error}") from error
+        _check_shapes(current, restored)
+        self.state = self.state.replace(**jax.device_put(restored, self.device))
 
-def read_checkpoint(path: Path) -> tuple[dict, dict]:
-    """(meta, state) of a checkpoint written by JaxTrainer."""
+
+def _check_shapes(expected: dict, given: dict) -> None:
+    for (path, want), (_, got) in zip(jax.tree_util.tree_leaves_with_path(expected),
+                                      jax.tree_util.tree_leaves_with_path(given), strict=True):
+        if np.shape(want) != np.shape(got):
+            raise CheckpointError(f"the weights do not fit the model: {jax.tree_util.keystr(path)} has shape "
+                                  f"{np.shape(got)}, the model needs {np.shape(want)}")
+
+
+def _load(path: Path) -> object:
+    """msgpack_restore: plain arrays and strings only, so loading never executes code."""
     try:
-        payload = serialization.msgpack_restore(Path(path).read_bytes())
+        return serialization.msgpack_restore(Path(path).read_bytes())
     except Exception as error:  # msgpack raises several types for truncated or foreign files
         raise CheckpointError(
             f"{path} cannot be read as a JAX checkpoint ({type(error).__name__}: {error}). It may be "
-            "truncated or not a checkpoint of this project; it was not modified."
+            "truncated or not a file of this project; it was not modified."
         ) from error
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict]:
+    """(meta, state) of a checkpoint written by JaxTrainer."""
+    payload = _load(path)
     if not isinstance(payload, dict) or not CHECKPOINT_KEYS <= set(payload):
         raise CheckpointError(f"{path} is not a jax_impl training checkpoint (expected keys "
                               f"{sorted(CHECKPOINT_KEYS)}); it was not modified.")
@@ -117,3 +140,14 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
     if meta.get("framework") != "jax":
         raise CheckpointError(f"{path} was written by {meta.get('framework')!r}, not by jax_impl.")
     return meta, payload
+
+
+def read_weights(path: Path) -> dict:
+    """Variables {"params", "batch_stats"} from a training checkpoint (checkpoint.msgpack) or a
+    weights file (model.msgpack from --save-model, or a converted PyTorch model)."""
+    payload = _load(path)
+    if isinstance(payload, dict) and "state" in payload:
+        payload = payload["state"]
+    if not isinstance(payload, dict) or not {"params", "batch_stats"} <= set(payload):
+        raise CheckpointError(f"{path} holds neither a jax_impl checkpoint nor model weights")
+    return {"params": payload["params"], "batch_stats": payload["batch_stats"]}

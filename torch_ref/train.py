@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from common.training import Framework, main
-from torch_ref.trainer import TorchTrainer, read_checkpoint
+from torch_ref.trainer import TorchTrainer, read_checkpoint, read_weights
 
 FRAMEWORK = Framework(
     name="torch",
@@ -15,6 +15,7 @@ FRAMEWORK = Framework(
     model_name="model.pt",
     create_trainer=TorchTrainer,
     read_checkpoint=read_checkpoint,
+    read_weights=read_weights,
 )
 
 if __name__ == "__main__":

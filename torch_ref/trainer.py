@@ -119,16 +119,28 @@ class TorchTrainer:
         torch.save(self.model.state_dict(), buffer)
         return buffer.getvalue()
 
+    def load_weights(self, state_dict: dict) -> None:
+        """Replace the weights (for evaluation) by a state_dict of this model's keys and shapes."""
+        try:
+            self.model.load_state_dict(state_dict, strict=True)
+        except RuntimeError as error:
+            raise CheckpointError(f"the weights do not fit the model: {error}") from error
 
-def read_checkpoint(path: Path) -> tuple[dict, dict]:
-    """(meta, state) of a checkpoint written by TorchTrainer; never executes code from the file."""
+
+def _load(path: Path) -> object:
+    """torch.load restricted to tensors and plain data: never executes code from the file."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
         raise CheckpointError(
             f"{path} cannot be read as a PyTorch checkpoint ({type(error).__name__}: {error}). It may "
-            "be truncated or not a checkpoint of this project; it was not modified."
+            "be truncated or not a file of this project; it was not modified."
         ) from error
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict]:
+    """(meta, state) of a checkpoint written by TorchTrainer."""
+    state = _load(path)
     if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
         raise CheckpointError(f"{path} is not a torch_ref training checkpoint (expected keys "
                               f"{sorted(CHECKPOINT_KEYS)}); it was not modified.")
@@ -136,3 +148,13 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
     if meta.get("framework") != "torch":
         raise CheckpointError(f"{path} was written by {meta.get('framework')!r}, not by torch_ref.")
     return meta, state
+
+
+def read_weights(path: Path) -> dict:
+    """The model's state_dict from a training checkpoint (checkpoint.pt) or a weights file
+    (model.pt from --save-model, or a converted JAX model)."""
+    data = _load(path)
+    state_dict = data["model"] if isinstance(data, dict) and "model" in data else data
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"{path} holds no PyTorch state_dict")
+    return state_dict

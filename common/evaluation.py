@@ -1,0 +1,54 @@
+"""`python -m <framework>.evaluate WEIGHTS`: test-set loss and accuracy of saved weights.
+
+Reads a training checkpoint or a weights file of its framework, including one converted from
+the other framework by `python -m jax_impl.convert`, so either implementation can evaluate a
+model trained by the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from common.cli import DEFAULT_TEST_BATCH_SIZE, DEVICES
+from common.errors import UserFacingError
+from common.metrics import Evaluation, evaluate_log_probs
+from common.mnist import load_mnist
+from common.recipes import SEED
+from common.training import Framework, TrainerConfig
+from common.transforms import normalize
+
+
+def evaluate_file(framework: Framework, path: Path, data_dir: str | None = None,
+                  batch_size: int = DEFAULT_TEST_BATCH_SIZE, device: str = "auto") -> Evaluation:
+    """Evaluate the weights in `path` on the 10,000 MNIST test images."""
+    weights = framework.read_weights(path)
+    # A trainer holds the model and its predict(); its recipe and optimiser play no part here.
+    trainer = framework.create_trainer(TrainerConfig(SEED, seed=0, device=device, threads=None, steps_per_epoch=1))
+    trainer.load_weights(weights)
+    data = load_mnist(data_dir)
+    return evaluate_log_probs(trainer.predict(normalize(data.test_images), batch_size), data.test_labels)
+
+
+def main(framework: Framework, argv: list[str] | None = None) -> int:
+    """Entry point of the evaluate commands; returns the exit status."""
+    module = framework.module.replace(".train", ".evaluate")
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module}",
+        description=f"Test-set accuracy of {framework.title} weights: a {framework.checkpoint_name}, a "
+                    f"{framework.model_name} from --save-model, or one converted by python -m jax_impl.convert.")
+    parser.add_argument("weights", type=Path, help="checkpoint or weights file")
+    parser.add_argument("--data-dir", default=None, metavar="DIR", help="MNIST directory (as for training)")
+    parser.add_argument("--test-batch-size", type=int, default=DEFAULT_TEST_BATCH_SIZE, metavar="N",
+                        help=f"evaluation batch size (default: {DEFAULT_TEST_BATCH_SIZE})")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="as for training (default: auto)")
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate_file(framework, args.weights, args.data_dir, args.test_batch_size, args.device)
+    except UserFacingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{args.weights} ({framework.title}): test loss {result.loss:.4f}, accuracy {result.correct}/"
+          f"{len(result.predictions)} ({result.accuracy:.2f}%)")
+    return 0
