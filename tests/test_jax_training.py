@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 from pathlib import Path
@@ -198,6 +199,13 @@ def test_help_equals_torch_ref_flag_for_flag():
 
 
 def test_no_jax_impl_module_imports_torch():
+    """Only jax_impl/convert.py may import torch (or torch_ref), and only inside a function, so
+    that `import jax_impl.convert` works without torch until a .pt file is touched."""
     for path in (REPO / "jax_impl").glob("*.py"):
-        source = path.read_text()
-        assert "import torch" not in source and "from torch" not in source, path
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(name.split(".")[0] in ("torch", "torch_ref") for name in names):
+                assert path.name == "convert.py", f"{path.name} imports {names}"
+                assert node not in tree.body, f"convert.py imports {names} at module level"

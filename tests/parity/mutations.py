@@ -1,0 +1,126 @@
+"""Show that the parity suite can fail: apply classic porting mistakes to the JAX side, in
+memory, and report which parity tests catch each.
+
+    python -m tests.parity.mutations [--only NAME ...]
+
+Each mistake runs the whole parity suite in a fresh process (PARITY_MUTATION=<name>, applied
+by tests/parity/conftest.py before any test module is imported) and prints a Markdown table.
+It takes about as long as the suite takes, once per mutation; run it by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import optax
+from flax import linen
+
+ENVIRONMENT_VARIABLE = "PARITY_MUTATION"
+SUITE = Path(__file__).resolve().parent
+
+
+def _flax_namespace(**overrides) -> types.SimpleNamespace:
+    """flax.linen with some names replaced, to install as jax_impl.model.nn."""
+    return types.SimpleNamespace(**{**vars(linen), **overrides})
+
+
+def flax_batchnorm_momentum() -> None:
+    """Flax's default momentum 0.99: running = 0.99 * running + 0.01 * batch."""
+    from jax_impl import model
+
+    model.BatchNorm2d = functools.partial(model.BatchNorm2d, momentum=0.01)
+
+
+def biased_running_variance() -> None:
+    """The running variance from the biased batch variance, as Flax's nn.BatchNorm keeps it."""
+    from jax_impl import model
+
+    model.bessel_correction = lambda count: 1.0
+
+
+def same_padding() -> None:
+    """Flax's default padding "SAME" instead of PyTorch's 0."""
+    from jax_impl import model
+
+    model.nn = _flax_namespace(Conv=lambda *args, **kwargs: linen.Conv(*args, **{**kwargs, "padding": "SAME"}))
+
+
+def batchnorm_before_relu() -> None:
+    """conv -> BatchNorm -> ReLU, the more common order, instead of the seed's conv -> ReLU -> BatchNorm."""
+    from jax_impl import model
+
+    model.conv_block = lambda x, conv, batchnorm, train: linen.relu(batchnorm(conv(x), train))
+
+
+def channel_wise_dropout() -> None:
+    """Dropout2d semantics (whole channels) instead of element-wise nn.Dropout."""
+    from jax_impl import model
+
+    model.nn = _flax_namespace(Dropout=functools.partial(linen.Dropout, broadcast_dims=(1, 2)))
+
+
+def kernel_transposed_wrong() -> None:
+    """OIHW -> WHIO (all axes reversed) instead of OIHW -> HWIO: same shape for 3x3 kernels."""
+    from jax_impl import convert
+
+    convert.CONV_TO_FLAX = (3, 2, 1, 0)
+    convert.CONV_TO_TORCH = (3, 2, 1, 0)
+
+
+def steplr_per_step() -> None:
+    """StepLR's decay every `step_size` optimiser steps instead of every `step_size` epochs."""
+    from jax_impl import schedules
+
+    def per_step(recipe, steps_per_epoch):
+        return optax.exponential_decay(recipe.lr, transition_steps=recipe.schedule.step_size,
+                                       decay_rate=recipe.schedule.gamma, staircase=True)
+
+    schedules.learning_rate_schedule = per_step
+
+
+MUTATIONS = {function.__name__: function for function in (
+    flax_batchnorm_momentum, biased_running_variance, same_padding, batchnorm_before_relu,
+    channel_wise_dropout, kernel_transposed_wrong, steplr_per_step)}
+
+
+def apply_from_environment() -> None:
+    """Called by the suite's conftest: apply the mutation named in $PARITY_MUTATION, if any."""
+    name = os.environ.get(ENVIRONMENT_VARIABLE)
+    if name:
+        MUTATIONS[name]()
+
+
+def failing_tests(name: str) -> tuple[list[str], str]:
+    """Run the suite with mutation `name`; (failed or erroring test ids, summary line)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", str(SUITE), "-q", "-p", "no:cacheprovider", "-rfE", "--no-header"],
+        env={**os.environ, ENVIRONMENT_VARIABLE: name}, capture_output=True, text=True,
+    )
+    failed = sorted({m.group(1).split("::", 1)[1] for m in re.finditer(r"^(?:FAILED|ERROR) (\S+)", result.stdout,
+                                                                        re.MULTILINE)})
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-300:]
+    return failed, summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=sorted(MUTATIONS), help="run these mutations only")
+    args = parser.parse_args()
+    rows = ["| mistake applied to the JAX side | parity tests that fail | suite result |", "|---|---|---|"]
+    for name in args.only or MUTATIONS:
+        failed, summary = failing_tests(name)
+        shown = "<br>".join(f"`{test}`" for test in failed) or "**none: not caught**"
+        rows.append(f"| {MUTATIONS[name].__doc__.strip()} | {shown} | {summary} |")
+        print(rows[-1], flush=True)
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
