@@ -69,3 +69,19 @@ def format_layer_table(rows: tuple[LayerRow, ...] | list[LayerRow]) -> str:
         lines.append(f"{row.name:>20}  {shape:>25} {row.params:>15,}")
     lines.append(f"Total params: {sum(row.params for row in rows):,}")
     return "\n".join(lines)
+
+
+def conv_macs_per_image(rows: tuple[LayerRow, ...] = LAYER_TABLE) -> int:
+    """Multiply-adds of the convolutions for one image: a bias-free convolution uses each of its
+    weights once per output position, so MACs = parameters x output height x output width."""
+    return sum(row.params * row.output_shape[1] * row.output_shape[2] for row in rows if row.kind == "Conv2d")
+
+
+def training_flops_per_image(rows: tuple[LayerRow, ...] = LAYER_TABLE) -> int:
+    """FLOPs (2 per multiply-add) of the convolutions in one training step, per image: the
+    forward pass, the weight gradients, and the input gradients of every convolution but the
+    first (its input is the data). BatchNorm, ReLU, pooling and the update add a few percent."""
+    convs = [row for row in rows if row.kind == "Conv2d"]
+    forward = conv_macs_per_image(rows)
+    first = convs[0].params * convs[0].output_shape[1] * convs[0].output_shape[2]
+    return 2 * (forward + forward + (forward - first))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from common.spec import BATCHNORM_EPS, BATCHNORM_MOMENTUM, DROPOUT_RATE
-from jax_impl.fast_ops import make_chunked_weight_grad_conv, max_pool_2x2
+from jax_impl.fast_ops import batch_norm_train, keep_mask, make_chunked_weight_grad_conv, max_pool_2x2
 
 # PyTorch's default Conv2d init, kaiming_uniform(a=sqrt(5)): U(-b, b) with b = 1/sqrt(fan_in).
 # variance_scaling with scale 1/3 and a uniform distribution has limit sqrt(3 * scale / fan_in).
@@ -48,18 +48,34 @@ class BatchNorm2d(nn.Module):
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), x.dtype)
         running_var = self.variable("batch_stats", "var", jnp.ones, (features,), x.dtype)
         if train:
-            reduce_axes = tuple(range(x.ndim - 1))
-            mean = x.mean(reduce_axes)
-            var = jnp.square(x - mean).mean(reduce_axes)
+            # Closed-form gradient (jax_impl.fast_ops); the statistics feed the running averages only.
+            y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+            mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
             if not self.is_initializing():
                 count = x.size // features
                 running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
                 running_var.value = (1 - self.momentum) * running_var.value + self.momentum * var * (
                     bessel_correction(count)
                 )
-        else:
-            mean, var = running_mean.value, running_var.value
-        return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+            return y
+        return (x - running_mean.value) * jax.lax.rsqrt(running_var.value + self.epsilon) * scale + bias
+
+
+class Dropout(nn.Dropout):
+    """Element-wise dropout with nn.Dropout's interface and semantics (drop with probability
+    `rate`, scale the kept values by 1 / (1 - rate), `broadcast_dims` shared), drawing its masks
+    with jax_impl.fast_ops.keep_mask, which XLA fuses on CPU."""
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None):
+        deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+        if deterministic or self.rate == 0:
+            return inputs
+        keep_probability = 1.0 - self.rate
+        key = self.make_rng(self.rng_collection) if rng is None else rng
+        shape = tuple(1 if axis in self.broadcast_dims else size for axis, size in enumerate(inputs.shape))
+        keep = keep_mask(key, shape, keep_probability)
+        return jnp.where(keep, inputs / keep_probability, jnp.zeros_like(inputs))
 
 
 class MaxPool2d(nn.Module):
@@ -100,7 +116,7 @@ class Net(nn.Module):
         conv = partial(nn.Conv, padding="VALID", use_bias=False, kernel_init=torch_conv_init)
         if self.weight_grad_chunk:
             conv = partial(conv, conv_general_dilated=make_chunked_weight_grad_conv(self.weight_grad_chunk))
-        drop = partial(nn.Dropout, rate=self.dropout, deterministic=not train)
+        drop = partial(Dropout, rate=self.dropout, deterministic=not train)
 
         x = conv_block(x, conv(8, (3, 3), name="conv1"), BatchNorm2d(name="bn1"), train)
         x = conv_block(x, conv(16, (3, 3), name="conv2"), BatchNorm2d(name="bn2"), train)
