@@ -142,3 +142,39 @@ def test_help_explains_every_flag():
     options = {a.option_strings[-1]: a for a in parser._actions if a.option_strings and a.dest != "help"}
     assert set(options) == expected
     assert all(len(action.help) > 20 for action in options.values())
+
+
+def test_device_augmentation_is_bit_identical_to_the_core(mnist):
+    """torch_ref.augment (used when MNIST is resident on a GPU), run here on CPU tensors."""
+    import torch
+
+    from common.batching import plan_epoch
+    from common.transforms import augment as core_augment
+    from common.transforms import normalize, rotation_source_index
+    from torch_ref import augment
+
+    plan = plan_epoch(0, 1, len(mnist.train_labels), 512, SEED.augmentation)
+    positions = slice(0, 512)
+    images = mnist.train_images[plan.order[positions]]
+    crop = plan.crop[positions] | (np.arange(512) % 2 == 0)  # both paths exercised
+    source = rotation_source_index(plan.angles[positions])
+    expected = core_augment(images, crop, source, 22)
+    ours = augment.augment(torch.as_tensor(images), torch.as_tensor(crop), torch.as_tensor(source.astype(np.int16)), 22)
+    np.testing.assert_array_equal(ours.numpy(), expected)
+    np.testing.assert_array_equal(augment.normalize(ours).numpy(), normalize(expected))
+
+
+def test_gpu_resident_batches_equal_host_batches(mnist):
+    """The GPU path's batches (device-resident data, device augmentation), run on CPU tensors,
+    are exactly the host pipeline's."""
+    import torch
+
+    from common.batching import plan_epoch
+
+    trainer = TorchTrainer(TrainerConfig(SEED, seed=0, device="cpu", threads=1, steps_per_epoch=3))
+    plan = plan_epoch(0, 1, len(mnist.train_labels), 100, SEED.augmentation).head(250)
+    host = list(trainer._host_batches(plan, mnist.train_images, mnist.train_labels))
+    resident = list(trainer._resident_batches(plan, mnist.train_images, mnist.train_labels))
+    assert len(host) == len(resident) == 3
+    for (host_x, host_y), (dev_x, dev_y) in zip(host, resident, strict=True):
+        assert torch.equal(host_x, dev_x) and torch.equal(host_y, dev_y)

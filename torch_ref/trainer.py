@@ -20,6 +20,8 @@ from common.errors import CheckpointError, UserFacingError
 from common.progress import EpochProgress
 from common.recipes import Recipe
 from common.training import TrainerConfig
+from common.transforms import rotation_source_index
+from torch_ref import augment
 from torch_ref.model import Net
 
 CHECKPOINT_KEYS = {"meta", "model", "optimizer", "scheduler", "rng"}
@@ -62,6 +64,7 @@ class TorchTrainer:
             nesterov=recipe.nesterov, weight_decay=recipe.weight_decay,
         )
         self.scheduler = make_scheduler(self.optimizer, recipe)
+        self._resident: tuple[np.ndarray, torch.Tensor, torch.Tensor] | None = None
 
     def describe(self) -> dict[str, Any]:
         return {"framework": "PyTorch", "version": torch.__version__, "device": str(self.device),
@@ -75,9 +78,9 @@ class TorchTrainer:
 
     def train_epoch(self, plan: EpochPlan, images: np.ndarray, labels: np.ndarray, progress: EpochProgress) -> None:
         self.model.train()
-        for batch in train_batches(plan, images, labels):
-            inputs = to_tensor(batch.images, self.device)
-            targets = torch.from_numpy(batch.labels).to(self.device)
+        on_gpu = self.device.type == "cuda"
+        batches = self._resident_batches(plan, images, labels) if on_gpu else self._host_batches(plan, images, labels)
+        for inputs, targets in batches:
             self.optimizer.zero_grad(set_to_none=True)
             log_probs = self.model(inputs)
             loss = F.nll_loss(log_probs, targets)
@@ -86,6 +89,26 @@ class TorchTrainer:
             correct = (log_probs.argmax(dim=1) == targets).sum().item()
             progress.update(len(targets), loss.item() * len(targets), correct)
         self.scheduler.step()
+
+    def _host_batches(self, plan: EpochPlan, images: np.ndarray, labels: np.ndarray):
+        """The core's NumPy pipeline, batch by batch (CPU training)."""
+        for batch in train_batches(plan, images, labels):
+            yield to_tensor(batch.images, self.device), torch.from_numpy(batch.labels).to(self.device)
+
+    def _resident_batches(self, plan: EpochPlan, images: np.ndarray, labels: np.ndarray):
+        """MNIST kept on the GPU as uint8 and augmented there (torch_ref.augment, bit-identical to
+        the core), so that only the epoch's draws cross the bus."""
+        if self._resident is None or self._resident[0] is not images:
+            self._resident = (images, torch.as_tensor(images, device=self.device),
+                              torch.as_tensor(labels, dtype=torch.int64, device=self.device))
+        _, device_images, device_labels = self._resident
+        order = torch.as_tensor(plan.order, device=self.device)
+        crop = torch.as_tensor(plan.crop, device=self.device)
+        source_index = torch.as_tensor(rotation_source_index(plan.angles).astype(np.int16), device=self.device)
+        for positions in plan.batch_slices():
+            pixels = augment.augment(device_images[order[positions]], crop[positions], source_index[positions],
+                                     plan.crop_size)
+            yield augment.normalize(pixels).unsqueeze(1), device_labels[order[positions]]
 
     def predict(self, images: np.ndarray, batch_size: int) -> np.ndarray:
         self.model.eval()
