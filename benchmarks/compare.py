@@ -1,0 +1,458 @@
+"""PyTorch and JAX measured side by side, on the same machine, data and recipe, in one run.
+
+    python benchmarks/compare.py [--quick] [--train] [--batch-sizes 128,512] [--out DIR]
+
+Training throughput (images/s, the shared augmentation pipeline included) of every variant,
+measured round-robin so that drift of the machine affects all variants alike; the JAX/PyTorch
+ratio of each round, then its median; evaluation throughput; time to the first step and
+compile time; peak memory; achieved FLOP/s against the machine's sgemm peak measured in the
+same run. With --train, full training runs of both frameworks: accuracy against epoch and
+wall-clock time. Writes results.json, throughput.png (and accuracy.png) into --out and prints
+Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+import matplotlib  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from common.batching import EpochPlan, plan_epoch  # noqa: E402
+from common.metrics import read_metrics  # noqa: E402
+from common.mnist import Mnist, load_mnist  # noqa: E402
+from common.progress import EpochProgress  # noqa: E402
+from common.recipes import DEFAULT_RECIPE, get_recipe  # noqa: E402
+from common.spec import training_flops_per_image  # noqa: E402
+from common.training import TrainerConfig  # noqa: E402
+from common.transforms import normalize  # noqa: E402
+from jax_impl.epochs import LoopEpoch, ScanEpoch  # noqa: E402
+from jax_impl.train import enable_compilation_cache  # noqa: E402
+from jax_impl.trainer import JaxTrainer  # noqa: E402
+from torch_ref.trainer import TorchTrainer  # noqa: E402
+
+BASELINE = "PyTorch eager"
+
+
+@dataclass
+class Variant:
+    """One way of training: its framework, and how to build a trainer for a batch size."""
+
+    name: str
+    framework: str
+    build: Callable[[TrainerConfig], object]
+    note: str = ""
+
+
+def torch_eager(config: TrainerConfig) -> TorchTrainer:
+    return TorchTrainer(config)
+
+
+def torch_channels_last(config: TrainerConfig) -> TorchTrainer:
+    trainer = TorchTrainer(config)
+    trainer.model = trainer.model.to(memory_format=torch.channels_last)
+    return trainer
+
+
+def torch_compiled(config: TrainerConfig) -> TorchTrainer:
+    trainer = TorchTrainer(config)
+    trainer.model = torch.compile(trainer.model)
+    return trainer
+
+
+def jax_loop(config: TrainerConfig) -> JaxTrainer:
+    trainer = JaxTrainer(config)
+    trainer.epoch_runner = LoopEpoch(trainer.device)
+    return trainer
+
+
+def jax_scan(config: TrainerConfig) -> JaxTrainer:
+    trainer = JaxTrainer(config)
+    trainer.epoch_runner = ScanEpoch(trainer.device)
+    return trainer
+
+
+def variants(quick: bool) -> list[Variant]:
+    found = [Variant(BASELINE, "torch", torch_eager), Variant("PyTorch channels_last", "torch", torch_channels_last)]
+    if quick:
+        pass  # torch.compile takes minutes to compile here: full runs only
+    elif shutil.which(os.environ.get("CXX", "g++")) or shutil.which("cc"):
+        found.append(Variant("torch.compile", "torch", torch_compiled))
+    found += [Variant("JAX jitted-step loop", "jax", jax_loop), Variant("JAX lax.scan epoch", "jax", jax_scan)]
+    return found
+
+
+@dataclass
+class Measured:
+    """A variant's numbers at one batch size."""
+
+    cold_seconds: float = 0.0  # the first timed chunk: compilation and first-use costs included
+    compile_seconds: float = 0.0
+    seconds: list[float] = field(default_factory=list)  # per timed chunk
+    images: int = 0  # per timed chunk
+    eval_images_per_second: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / statistics.median(self.seconds)
+
+    @property
+    def first_step_overhead(self) -> float:
+        """What the first chunk cost beyond a warm one: compiling, allocating, first touches
+        (0 when timing noise exceeds it, as for eager PyTorch)."""
+        return max(0.0, self.cold_seconds - statistics.median(self.seconds))
+
+
+def synchronize(trainer: object) -> None:
+    """Wait for queued device work, so that the clock is read after it has finished."""
+    if isinstance(trainer, JaxTrainer):
+        jax.block_until_ready(trainer.state)
+    elif trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_seconds(trainer: object, plan: EpochPlan, data: Mnist) -> float:
+    progress = EpochProgress(1, 1, len(plan.order), enabled=False)
+    started = time.perf_counter()
+    trainer.train_epoch(plan, data.train_images, data.train_labels, progress)
+    synchronize(trainer)
+    return time.perf_counter() - started
+
+
+def measure_training(chosen: list[Variant], batch_size: int, data: Mnist, args: argparse.Namespace,
+                     recipe) -> dict[str, Measured]:
+    """Warm up every variant, then time chunks of training round-robin."""
+    chunk = max(1, args.chunk_images // batch_size)
+    config = TrainerConfig(recipe.with_overrides(batch_size=batch_size), seed=0, device=args.device,
+                           threads=None, steps_per_epoch=chunk)
+    trainers, results = {}, {}
+    warm_up = plan_epoch(0, 1, len(data.train_labels), batch_size, recipe.augmentation).head(chunk * batch_size)
+    for variant in chosen:
+        trainer = variant.build(config)
+        cold_seconds = train_seconds(trainer, warm_up, data)
+        trainers[variant.name] = trainer
+        results[variant.name] = Measured(cold_seconds, trainer.compile_seconds())
+    for round_index in range(args.repeats):
+        plan = plan_epoch(1, round_index + 1, len(data.train_labels), batch_size, recipe.augmentation)
+        plan = plan.head(chunk * batch_size)
+        for variant in chosen:
+            results[variant.name].seconds.append(train_seconds(trainers[variant.name], plan, data))
+            results[variant.name].images = len(plan.order)
+    test_inputs = normalize(data.test_images[: args.eval_images])
+    for variant in chosen:
+        trainer = trainers[variant.name]
+        trainer.predict(test_inputs[:1000], 1000)  # compile / warm up
+        times = []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            trainer.predict(test_inputs, 1000)
+            times.append(time.perf_counter() - started)
+        results[variant.name].eval_images_per_second = len(test_inputs) / statistics.median(times)
+    return results
+
+
+def round_ratios(results: dict[str, Measured], name: str) -> list[float]:
+    """JAX/PyTorch images/s of each round (both timed in the same round)."""
+    baseline = results[BASELINE]
+    return [(results[name].images / s) / (baseline.images / b) for s, b in
+            zip(results[name].seconds, baseline.seconds, strict=True)]
+
+
+def sgemm_gflops(size: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """The machine's float32 matrix-multiply rate, measured with both frameworks' BLAS."""
+    a = np.random.default_rng(0).random((size, size), dtype=np.float32)
+    rates = {}
+    ta = torch.from_numpy(a)
+    ja = jax.device_put(a)
+    matmul = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(matmul(ja))
+    for name, run in (("torch", lambda: torch.mm(ta, ta)), ("jax", lambda: jax.block_until_ready(matmul(ja)))):
+        run()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - started)
+        rates[name] = 2 * size**3 / statistics.median(times) / 1e9
+    return rates
+
+
+def xla_flops_per_image(batch_size: int, recipe) -> float | None:
+    """XLA's own count of the compiled training step's FLOPs, per image (a cross-check)."""
+    from jax_impl.steps import create_train_state, train_step
+
+    # Without dropout, so that the count is the network's (Threefry's integer ops would count).
+    state = create_train_state(jax.random.key(0), recipe.with_overrides(dropout=0.0), 10)
+    batch = (jax.ShapeDtypeStruct((batch_size, 28, 28, 1), np.float32), jax.ShapeDtypeStruct((batch_size,), np.int32))
+    analysis = jax.jit(train_step).lower(state, batch, jax.random.key(0)).compile().cost_analysis()
+    if isinstance(analysis, list):
+        analysis = analysis[0]
+    flops = (analysis or {}).get("flops")
+    return float(flops) / batch_size if flops else None
+
+
+def memory_probe(variant_name: str, batch_size: int, args: argparse.Namespace) -> dict[str, float]:
+    """Peak memory of one variant, trained for a few batches in a fresh process."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--probe", variant_name,
+               "--batch-sizes", str(batch_size), "--device", args.device]
+    if args.data_dir:
+        command += ["--data-dir", args.data_dir]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def run_probe(args: argparse.Namespace) -> None:
+    """--probe: train a few batches of one variant, print its memory as JSON (subprocess side)."""
+    data = load_mnist(args.data_dir)
+    batch_size = args.batch_sizes[0]
+    recipe = get_recipe(args.recipe)
+    variant = next(v for v in variants(quick=False) if v.name == args.probe)
+    config = TrainerConfig(recipe.with_overrides(batch_size=batch_size), 0, args.device, None, 3)
+    trainer = variant.build(config)
+    before_mb = _current_rss_mb()
+    _reset_peak_rss()
+    train_seconds(trainer, plan_epoch(0, 1, len(data.train_labels), batch_size, recipe.augmentation)
+                  .head(3 * batch_size), data)
+    result = {"rss_before_training_mb": before_mb, "peak_rss_mb": _peak_rss_mb()}
+    device = getattr(trainer, "device", None)
+    if isinstance(trainer, JaxTrainer) and trainer.device.platform != "cpu":
+        result["device_peak_mb"] = trainer.device.memory_stats().get("peak_bytes_in_use", 0) / 2**20
+    elif isinstance(device, torch.device) and device.type == "cuda":
+        result["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(result))
+
+
+def _reset_peak_rss() -> None:
+    """Start the high-water mark afresh, so that loading the data does not set the peak
+    (Linux: writing 5 to /proc/self/clear_refs resets VmHWM)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss_mb() -> float:
+    return _status_mb("VmHWM")
+
+
+def _current_rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
+def _status_mb(field_name: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def machine() -> dict[str, object]:
+    """What the numbers were measured on."""
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    import flax
+    import optax
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)), "gpu": gpu,
+            "jax_devices": [str(d) for d in jax.devices()], "python": platform.python_version(),
+            "numpy": np.__version__, "torch": torch.__version__, "jax": jax.__version__,
+            "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else jax.__version__,
+            "flax": flax.__version__, "optax": optax.__version__, "platform": platform.platform()}
+
+
+def full_training(args: argparse.Namespace, out: Path) -> dict[str, dict]:
+    """--train: both frameworks' CLIs with the recipe; accuracy against epoch and time."""
+    runs = {}
+    for module in ("torch_ref.train", "jax_impl.train"):
+        run_dir = out / module.split(".")[0]
+        command = [sys.executable, "-m", module, "--recipe", args.recipe, "--out", str(run_dir), "--device",
+                   args.device]
+        if args.data_dir:
+            command += ["--data-dir", args.data_dir]
+        subprocess.run(command, check=True, cwd=REPO)
+        history = read_metrics(run_dir / "metrics.jsonl")
+        elapsed = np.cumsum([r.epoch_seconds + r.eval_seconds for r in history])
+        accuracy = [r.test_accuracy for r in history]
+        runs[module.split(".")[0]] = {
+            "epochs": [r.epoch for r in history], "test_accuracy": accuracy, "elapsed_seconds": elapsed.tolist(),
+            "final_accuracy": accuracy[-1],
+            "seconds_to_99.0": _first_time(elapsed, accuracy, 99.0),
+            "seconds_to_99.4": _first_time(elapsed, accuracy, 99.4),
+        }
+    return runs
+
+
+def _first_time(elapsed: np.ndarray, accuracy: list[float], target: float) -> float | None:
+    return next((float(t) for t, a in zip(elapsed, accuracy, strict=True) if a >= target), None)
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Machine: {report['machine']['cpu']}, {report['machine']['usable_cores']} cores"
+             + (f", GPU {report['machine']['gpu']}" if report["machine"]["gpu"] else "")
+             + f"; torch {report['machine']['torch']}, jax {report['machine']['jax']}.", ""]
+    for batch_size, entries in report["throughput"].items():
+        lines += [f"Batch {batch_size} (median of {report['settings']['repeats']} rounds, "
+                  f"{next(iter(entries.values()))['images_per_round']} images each):", "",
+                  "| variant | train images/s | vs PyTorch eager (median of rounds) | eval images/s | "
+                  "first-step overhead s | compile s | peak RSS MB (training +MB) | GFLOP/s | % of sgemm peak |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, entry in entries.items():
+            ratio = f"{entry['ratio_to_pytorch_eager']:.2f}x" if entry.get("ratio_to_pytorch_eager") else "1.00x"
+            memory = entry.get("memory")
+            memory_text = "" if memory is None else (
+                f"{memory['peak_rss_mb']:,.0f} (+{memory['peak_rss_mb'] - memory['rss_before_training_mb']:,.0f})")
+            lines.append(
+                f"| {name} | {entry['train_images_per_second']:,.0f} | {ratio} | "
+                f"{entry['eval_images_per_second']:,.0f} | {entry['first_step_overhead_seconds']:.2f} | "
+                f"{entry['compile_seconds']:.1f} | {memory_text} | {entry['achieved_gflops']:.1f} | "
+                f"{entry['percent_of_sgemm_peak']:.1f} |")
+        lines.append("")
+    flops = report["flops"]
+    lines.append(f"Training FLOPs per image: {flops['per_image_from_spec'] / 1e6:.2f} M from the spec's layer table "
+                 f"(XLA's cost analysis: {flops['per_image_xla'] / 1e6:.2f} M); sgemm peak "
+                 f"{report['sgemm_gflops']['peak']:.0f} GFLOP/s (torch {report['sgemm_gflops']['torch']:.0f}, "
+                 f"jax {report['sgemm_gflops']['jax']:.0f}).")
+    if report.get("training"):
+        lines += ["", "| framework | final test accuracy | s to 99.0% | s to 99.4% | total s |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, run in report["training"].items():
+            lines.append(f"| {name} | {run['final_accuracy']:.2f} | {_seconds(run['seconds_to_99.0'])} | "
+                         f"{_seconds(run['seconds_to_99.4'])} | {run['elapsed_seconds'][-1]:.0f} |")
+    return "\n".join(lines)
+
+
+def _seconds(value: float | None) -> str:
+    return "not reached" if value is None else f"{value:.0f}"
+
+
+def plots(report: dict, out: Path) -> None:
+    batch_sizes = list(report["throughput"])
+    names = list(report["throughput"][batch_sizes[0]])
+    figure, axis = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(names)
+    for index, name in enumerate(names):
+        values = [report["throughput"][b][name]["train_images_per_second"] for b in batch_sizes]
+        axis.bar(np.arange(len(batch_sizes)) + index * width, values, width, label=name)
+    axis.set_xticks(np.arange(len(batch_sizes)) + width * (len(names) - 1) / 2, [f"batch {b}" for b in batch_sizes])
+    axis.set_ylabel("training images/s")
+    axis.set_title(f"Training throughput, {report['machine']['cpu']}")
+    axis.legend(fontsize=8)
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(out / "throughput.png", dpi=100)
+    plt.close(figure)
+    if report.get("training"):
+        figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for name, run in report["training"].items():
+            axes[0].plot(run["epochs"], run["test_accuracy"], marker="o", label=name)
+            axes[1].plot(run["elapsed_seconds"], run["test_accuracy"], marker="o", label=name)
+        for axis, label in zip(axes, ("epoch", "wall-clock seconds (training + evaluation)"), strict=True):
+            axis.set_xlabel(label)
+            axis.set_ylabel("test accuracy (%)")
+            axis.axhline(99.4, color="grey", linestyle=":")
+            axis.grid(alpha=0.3)
+            axis.legend()
+        figure.tight_layout()
+        figure.savefig(out / "accuracy.png", dpi=100)
+        plt.close(figure)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run under 2 minutes: 3 rounds, small chunks, "
+                                                             "no torch.compile, memory at the first batch size only")
+    parser.add_argument("--train", action="store_true", help="also train both frameworks fully with --recipe")
+    parser.add_argument("--batch-sizes", type=lambda s: [int(b) for b in s.split(",")], default=[128, 512],
+                        help="comma-separated batch sizes (default: 128,512)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per batch size (default 7; quick 3)")
+    parser.add_argument("--chunk-images", type=int, default=None,
+                        help="images per timed chunk (default 8192; quick 1024)")
+    parser.add_argument("--eval-images", type=int, default=10000, help="test images per evaluation timing")
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe (default: {DEFAULT_RECIPE})")
+    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto", help="as for training")
+    parser.add_argument("--data-dir", default=None, help="MNIST directory (default: $MNIST_DATA_DIR, else the cache)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results directory (default: benchmarks/results/<date-time>)")
+    parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: memory of one variant
+    args = parser.parse_args(argv)
+    args.repeats = args.repeats or (3 if args.quick else 7)
+    args.chunk_images = args.chunk_images or (1024 if args.quick else 8192)
+    if args.quick:
+        args.eval_images = min(args.eval_images, 2000)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    enable_compilation_cache()
+    if args.probe:
+        run_probe(args)
+        return 0
+    out = args.out or REPO / "benchmarks" / "results" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    data = load_mnist(args.data_dir)
+    recipe = get_recipe(args.recipe)
+    chosen = variants(args.quick)
+    sgemm = sgemm_gflops()
+    sgemm["peak"] = max(sgemm.values())
+    flops_per_image = training_flops_per_image()
+    report = {"settings": {"quick": args.quick, "repeats": args.repeats, "chunk_images": args.chunk_images,
+                           "recipe": args.recipe, "device": args.device, "batch_sizes": args.batch_sizes},
+              "machine": machine(), "sgemm_gflops": sgemm,
+              "flops": {"per_image_from_spec": flops_per_image,
+                        "per_image_xla": xla_flops_per_image(args.batch_sizes[0], recipe)},
+              "throughput": {}}
+    for index, batch_size in enumerate(args.batch_sizes):
+        results = measure_training(chosen, batch_size, data, args, recipe)
+        entries = {}
+        for variant in chosen:
+            measured = results[variant.name]
+            entry = {"framework": variant.framework, "train_images_per_second": measured.images_per_second,
+                     "round_seconds": measured.seconds, "images_per_round": measured.images,
+                     "eval_images_per_second": measured.eval_images_per_second,
+                     "first_step_overhead_seconds": measured.first_step_overhead,
+                     "compile_seconds": measured.compile_seconds,
+                     "achieved_gflops": measured.images_per_second * flops_per_image / 1e9}
+            entry["percent_of_sgemm_peak"] = 100 * entry["achieved_gflops"] / sgemm["peak"]
+            if variant.name != BASELINE:
+                ratios = round_ratios(results, variant.name)
+                entry["ratio_to_pytorch_eager"] = statistics.median(ratios)
+                entry["round_ratios"] = ratios
+            if index == 0 or not args.quick:
+                entry["memory"] = memory_probe(variant.name, batch_size, args)
+            entries[variant.name] = entry
+        report["throughput"][str(batch_size)] = entries
+    if args.train:
+        report["training"] = full_training(args, out)
+    report["wall_seconds"] = time.perf_counter() - started
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    plots(report, out)
+    print(markdown(report))
+    print(f"\nresults in {out} ({report['wall_seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

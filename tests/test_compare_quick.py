@@ -1,0 +1,53 @@
+"""benchmarks/compare.py --quick end to end: the report's schema and sanity, never its speed."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+from tests.conftest import REPO_ROOT
+
+VARIANTS = {"PyTorch eager", "PyTorch channels_last", "JAX jitted-step loop", "JAX lax.scan epoch"}
+
+
+def numbers(value):
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, int | float):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from numbers(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from numbers(item)
+
+
+def test_quick_comparison_writes_a_complete_report(tmp_path, mnist_dir):
+    out = tmp_path / "results"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/compare.py", "--quick", "--out", str(out), "--data-dir", str(mnist_dir)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| JAX jitted-step loop |" in result.stdout
+    report = json.loads((out / "results.json").read_text())
+    assert {"settings", "machine", "sgemm_gflops", "flops", "throughput", "wall_seconds"} <= set(report)
+    assert {"cpu", "cores", "torch", "jax", "flax", "optax", "numpy", "python"} <= set(report["machine"])
+    assert set(report["throughput"]) == {"128", "512"}
+    for batch_size, entries in report["throughput"].items():
+        assert set(entries) == VARIANTS
+        for name, entry in entries.items():
+            assert {"train_images_per_second", "eval_images_per_second", "first_step_overhead_seconds",
+                    "compile_seconds", "achieved_gflops", "percent_of_sgemm_peak", "round_seconds"} <= set(entry)
+            assert ("ratio_to_pytorch_eager" in entry) == (name != "PyTorch eager")
+            assert entry["train_images_per_second"] > 0 and entry["eval_images_per_second"] > 0
+            if batch_size == "128":
+                assert entry["memory"]["peak_rss_mb"] > 0
+    assert report["flops"]["per_image_from_spec"] == 5_093_952
+    assert report["flops"]["per_image_xla"] > 0
+    values = list(numbers(report))
+    assert values and all(math.isfinite(v) and v >= 0 for v in values)
+    assert (out / "throughput.png").stat().st_size > 0
