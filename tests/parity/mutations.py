@@ -35,7 +35,10 @@ def flax_batchnorm_momentum() -> None:
     """Flax's default momentum 0.99: running = 0.99 * running + 0.01 * batch."""
     from jax_impl import model
 
-    model.BatchNorm2d = functools.partial(model.BatchNorm2d, momentum=0.01)
+    class FlaxMomentumBatchNorm(model.BatchNorm2d):
+        momentum: float = 0.01
+
+    model.BatchNorm2d = FlaxMomentumBatchNorm
 
 
 def biased_running_variance() -> None:
@@ -63,7 +66,7 @@ def channel_wise_dropout() -> None:
     """Dropout2d semantics (whole channels) instead of element-wise nn.Dropout."""
     from jax_impl import model
 
-    model.nn = _flax_namespace(Dropout=functools.partial(linen.Dropout, broadcast_dims=(1, 2)))
+    model.Dropout = functools.partial(model.Dropout, broadcast_dims=(1, 2))
 
 
 def kernel_transposed_wrong() -> None:
