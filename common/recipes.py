@@ -21,6 +21,23 @@ class StepSchedule:
     step_size: int = 10
     gamma: float = 0.1
     kind: str = "step"
+    per_step = False  # stepped once per epoch
+
+
+@dataclass(frozen=True)
+class OneCycleSchedule:
+    """PyTorch's OneCycleLR stepped after every batch, cosine annealing, momentum held constant:
+    from lr / div_factor up to the recipe's lr over the first pct_start of all steps, then down
+    to lr / (div_factor * final_div_factor) at the last step."""
+
+    pct_start: float = 0.3
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    kind: str = "onecycle"
+    per_step = True
+
+
+SCHEDULES = {"step": StepSchedule, "onecycle": OneCycleSchedule}
 
 
 @dataclass(frozen=True)
@@ -43,7 +60,7 @@ class Recipe:
     batch_size: int
     lr: float
     momentum: float
-    schedule: StepSchedule
+    schedule: StepSchedule | OneCycleSchedule
     augmentation: Augmentation
     nesterov: bool = False
     weight_decay: float = 0.0
@@ -84,6 +101,7 @@ def get_recipe(name: str) -> Recipe:
 def recipe_from_dict(data: dict) -> Recipe:
     """Rebuild a recipe saved by `Recipe.to_dict` (checkpoints carry the recipe they ran)."""
     fields = dict(data)
-    fields["schedule"] = StepSchedule(**fields["schedule"])
+    schedule = dict(fields["schedule"])
+    fields["schedule"] = SCHEDULES[schedule["kind"]](**schedule)
     fields["augmentation"] = Augmentation(**fields["augmentation"])
     return Recipe(**fields)

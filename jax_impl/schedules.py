@@ -22,11 +22,34 @@ def learning_rate_schedule(recipe: Recipe, steps_per_epoch: int) -> optax.Schedu
             recipe.lr, transition_steps=schedule.step_size * steps_per_epoch,
             decay_rate=schedule.gamma, staircase=True,
         )
+    elif schedule.kind == "onecycle":
+        per_step = one_cycle(recipe.lr, recipe.epochs * steps_per_epoch, schedule.pct_start, schedule.div_factor,
+                             schedule.final_div_factor)
     else:
         raise ValueError(f"unknown schedule kind {schedule.kind!r}")
     # optax counts steps in int32, and int32 / int is float32 in JAX: evaluated on a float count
     # instead, the learning rate has the precision of the run (float64 when x64 is enabled).
     return lambda count: per_step(jnp.asarray(count, dtype=jnp.result_type(float)))
+
+
+def one_cycle(max_lr: float, total_steps: int, pct_start: float, div_factor: float,
+              final_div_factor: float) -> optax.Schedule:
+    """PyTorch's OneCycleLR (cosine, two phases) as a function of the step, written from its
+    definition because optax.cosine_onecycle_schedule places the phase boundary differently:
+    PyTorch's warm-up phase ends at step pct_start * total_steps - 1."""
+    initial_lr = max_lr / div_factor
+    min_lr = initial_lr / final_div_factor
+    warm_up_end = pct_start * total_steps - 1
+    last = total_steps - 1
+
+    def cosine(start, end, fraction):
+        return end + (start - end) / 2 * (jnp.cos(jnp.pi * fraction) + 1)
+
+    def schedule(step):
+        return jnp.where(step <= warm_up_end, cosine(initial_lr, max_lr, step / warm_up_end),
+                         cosine(max_lr, min_lr, (step - warm_up_end) / (last - warm_up_end)))
+
+    return schedule
 
 
 def make_optimizer(recipe: Recipe, steps_per_epoch: int) -> optax.GradientTransformation:

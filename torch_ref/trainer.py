@@ -36,11 +36,19 @@ def select_device(choice: str) -> torch.device:
     return torch.device("cuda")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe) -> torch.optim.lr_scheduler.LRScheduler:
-    """The recipe's schedule as a PyTorch scheduler, stepped once per epoch."""
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The recipe's schedule as a PyTorch scheduler; `recipe.schedule.per_step` says whether it
+    is stepped after every batch or once per epoch."""
     schedule = recipe.schedule
     if schedule.kind == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=schedule.step_size, gamma=schedule.gamma)
+    if schedule.kind == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch, pct_start=schedule.pct_start,
+            anneal_strategy="cos", cycle_momentum=False, div_factor=schedule.div_factor,
+            final_div_factor=schedule.final_div_factor,
+        )
     raise ValueError(f"unknown schedule kind {schedule.kind!r}")
 
 
@@ -63,7 +71,8 @@ class TorchTrainer:
             self.model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
             nesterov=recipe.nesterov, weight_decay=recipe.weight_decay,
         )
-        self.scheduler = make_scheduler(self.optimizer, recipe)
+        self.scheduler = make_scheduler(self.optimizer, recipe, config.steps_per_epoch)
+        self.step_per_batch = recipe.schedule.per_step
         self._resident: tuple[np.ndarray, torch.Tensor, torch.Tensor] | None = None
 
     def describe(self) -> dict[str, Any]:
@@ -86,9 +95,12 @@ class TorchTrainer:
             loss = F.nll_loss(log_probs, targets)
             loss.backward()
             self.optimizer.step()
+            if self.step_per_batch:
+                self.scheduler.step()
             correct = (log_probs.argmax(dim=1) == targets).sum().item()
             progress.update(len(targets), loss.item() * len(targets), correct)
-        self.scheduler.step()
+        if not self.step_per_batch:
+            self.scheduler.step()
 
     def _host_batches(self, plan: EpochPlan, images: np.ndarray, labels: np.ndarray):
         """The core's NumPy pipeline, batch by batch (CPU training)."""

@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 import torch
 
-from common.recipes import SEED
+from common.recipes import RECIPES, SEED, OneCycleSchedule
 from jax_impl.schedules import learning_rate_schedule, make_optimizer
 from torch_ref.trainer import make_scheduler
 
@@ -17,21 +18,43 @@ STEPS_PER_EPOCH = 235  # ceil(60000 / 256): the seed recipe's epochs, last batch
 
 def torch_learning_rates(recipe, steps_per_epoch):
     """The lr of every optimiser step of a whole run, stepping the scheduler as train_epoch does."""
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=recipe.lr, momentum=recipe.momentum)
-    scheduler = make_scheduler(optimizer, recipe)
+    parameter = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.SGD([parameter], lr=recipe.lr, momentum=recipe.momentum)
+    scheduler = make_scheduler(optimizer, recipe, steps_per_epoch)
     rates = []
     for _ in range(recipe.epochs):
-        rates += [optimizer.param_groups[0]["lr"]] * steps_per_epoch
-        scheduler.step()
+        for _ in range(steps_per_epoch):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            if recipe.schedule.per_step:
+                scheduler.step()
+        if not recipe.schedule.per_step:
+            scheduler.step()
     return np.array(rates)
 
 
-def test_learning_rate_of_every_step_of_the_seed_run():
-    expected = torch_learning_rates(SEED, STEPS_PER_EPOCH)
-    schedule = jax.jit(jax.vmap(learning_rate_schedule(SEED, STEPS_PER_EPOCH)))
+SCHEDULED = {**RECIPES, "onecycle-example": SEED.with_overrides(
+    schedule=OneCycleSchedule(pct_start=0.25, div_factor=10, final_div_factor=100), lr=0.2, batch_size=128)}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULED))
+def test_learning_rate_of_every_step_of_a_whole_run(name, float64):
+    """Every recipe, every step. The JAX schedule runs in float64 here (x64 on), so any
+    difference is the formula's: PyTorch's OneCycleLR computes in Python floats, 1e-12 leaves
+    room for the order of operations only."""
+    recipe = SCHEDULED[name]
+    steps_per_epoch = -(-60000 // recipe.batch_size)  # last, shorter batch included
+    expected = torch_learning_rates(recipe, steps_per_epoch)
+    schedule = jax.jit(jax.vmap(learning_rate_schedule(recipe, steps_per_epoch)))
     ours = np.asarray(schedule(jnp.arange(len(expected))))
-    assert len(ours) == 15 * 235
-    # optax evaluates the schedule in float32: 0.004 is stored as 0.0040000002 (relative 5e-8).
+    assert len(ours) == recipe.epochs * steps_per_epoch
+    np.testing.assert_allclose(ours, expected, rtol=1e-12, atol=0)
+
+
+def test_seed_schedule_decays_after_epoch_10_in_float32():
+    """What users see (float32): optax holds 0.004 as 0.0040000002 (relative 5e-8)."""
+    expected = torch_learning_rates(SEED, STEPS_PER_EPOCH)
+    ours = np.asarray(jax.vmap(learning_rate_schedule(SEED, STEPS_PER_EPOCH))(jnp.arange(len(expected))))
     np.testing.assert_allclose(ours, expected, rtol=1e-7)
     assert expected[235 * 10 - 1] == 0.04 and expected[235 * 10] == 0.04 * 0.1
 

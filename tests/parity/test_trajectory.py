@@ -43,7 +43,7 @@ def run_both(mnist, torch_dtype, jax_dtype):
     model = torch_model(seed=7, dtype=torch_dtype).train()
     variables = flax_variables(model, jax_dtype)
     optimizer = torch.optim.SGD(model.parameters(), lr=SEED.lr, momentum=SEED.momentum)
-    scheduler = make_scheduler(optimizer, SEED)
+    scheduler = make_scheduler(optimizer, SEED, len(batches))
     torch_losses, jax_losses = [], []
     for batch, step_masks in zip(batches, masks, strict=True):
         optimizer.zero_grad()
