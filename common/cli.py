@@ -10,7 +10,7 @@ import argparse
 import math
 from collections.abc import Callable
 
-from common.mnist import DATA_DIR_ENV, DEFAULT_DATA_DIR
+from common.mnist import DATA_DIR_ENV, DEFAULT_DATA_DIR, VALIDATION_SIZE
 from common.recipes import DEFAULT_RECIPE, RECIPES
 
 DEVICES = ("auto", "cpu", "gpu")
@@ -45,6 +45,13 @@ def build_parser(framework: str, module: str) -> argparse.ArgumentParser:
                         help="peak learning rate (default: the recipe's)")
     parser.add_argument("--momentum", type=_unit_interval, default=None, metavar="M",
                         help="SGD momentum in [0, 1) (default: the recipe's)")
+    parser.add_argument("--seeds", type=_seed_list, default=None, metavar="S,S,...",
+                        help="train several seeds and write a summary; each run goes to <out>/seed<S> (JAX: "
+                             "all seeds in one compiled program, vmapped over the training state; PyTorch: "
+                             "one after another)")
+    parser.add_argument("--validation", action="store_true",
+                        help=f"train on the first 55,000 training images and evaluate on the last "
+                             f"{VALIDATION_SIZE:,} instead of the test set (to choose recipes honestly)")
     parser.add_argument("--seed", type=_non_negative_int, default=None, metavar="S",
                         help="seed of the weights, the shuffle, the augmentation and dropout "
                              "(default: 0)")
@@ -90,3 +97,13 @@ _positive_int = _checked(int, lambda v: v > 0, "a positive integer")
 _non_negative_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
 _positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 _unit_interval = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def _seed_list(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of seeds") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct non-negative seeds, e.g. 0,1,2,3,4")
+    return seeds

@@ -75,6 +75,16 @@ class Mnist(NamedTuple):
     test_labels: np.ndarray
 
 
+VALIDATION_SIZE = 5000
+
+
+def validation_split(data: Mnist, size: int = VALIDATION_SIZE) -> Mnist:
+    """The first 55,000 training images to train on and the last `size` as the evaluation set,
+    in place of the test set: recipes are chosen on this split, never on the test images."""
+    return Mnist(data.train_images[:-size], data.train_labels[:-size],
+                 data.train_images[-size:], data.train_labels[-size:])
+
+
 def resolve_data_dir(flag_value: str | os.PathLike | None) -> Path:
     """`--data-dir` if given, else $MNIST_DATA_DIR, else the per-user cache directory."""
     chosen = flag_value or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR

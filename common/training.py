@@ -24,11 +24,12 @@ from common import cli
 from common.batching import EpochPlan, plan_epoch
 from common.errors import CheckpointError, UserFacingError
 from common.files import atomic_write_bytes, write_json
-from common.metrics import EpochRecord, evaluate_log_probs, write_metrics
-from common.mnist import Mnist, load_mnist, resolve_data_dir
+from common.metrics import EpochRecord, Evaluation, evaluate_log_probs, write_metrics
+from common.mnist import Mnist, load_mnist, resolve_data_dir, validation_split
 from common.plots import plot_curves, plot_digits
 from common.progress import EpochProgress
 from common.recipes import DEFAULT_RECIPE, Recipe, get_recipe, recipe_from_dict
+from common.report import markdown_report
 from common.transforms import normalize
 
 CHECKPOINT_FORMAT = 1
@@ -79,6 +80,27 @@ class TrainerConfig:
     steps_per_epoch: int  # per-step schedules (optax) need it to express per-epoch ones
 
 
+class SeedGroupTrainer(Protocol):
+    """Several seeds of one recipe trained together (one compiled program in JAX). Seed i's
+    `plans[i]`, `progresses[i]` and predictions[i] are those a single run of seed i would have."""
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def learning_rate(self) -> float: ...
+
+    def compile_seconds(self) -> float: ...
+
+    def train_epoch(self, plans: list[EpochPlan], images: np.ndarray, labels: np.ndarray,
+                    progresses: list[EpochProgress]) -> None: ...
+
+    def predict(self, images: np.ndarray, batch_size: int) -> list[np.ndarray]: ...
+
+    def checkpoint_bytes(self, meta: dict, index: int) -> bytes:
+        """Seed `index`'s state as a single run's checkpoint, so it can be resumed or evaluated alone."""
+
+    def model_bytes(self, index: int) -> bytes: ...
+
+
 @dataclass(frozen=True)
 class Framework:
     """How the driver reaches one framework."""
@@ -91,6 +113,36 @@ class Framework:
     create_trainer: Callable[[TrainerConfig], Trainer]
     read_checkpoint: Callable[[Path], tuple[dict, Any]]  # -> (meta, state), CheckpointError if bad
     read_weights: Callable[[Path], Any]  # checkpoint or model file -> weights for Trainer.load_weights
+    # --seeds in one program, if the framework can (JAX: vmap); otherwise seeds run one by one.
+    create_seed_group: Callable[[TrainerConfig, list[int]], SeedGroupTrainer] | None = None
+
+
+class _SingleSeed:
+    """A Trainer seen as a group of one, so that one epoch loop serves both cases."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def describe(self) -> dict[str, Any]:
+        return self.trainer.describe()
+
+    def learning_rate(self) -> float:
+        return self.trainer.learning_rate()
+
+    def compile_seconds(self) -> float:
+        return self.trainer.compile_seconds()
+
+    def train_epoch(self, plans, images, labels, progresses) -> None:
+        self.trainer.train_epoch(plans[0], images, labels, progresses[0])
+
+    def predict(self, images: np.ndarray, batch_size: int) -> list[np.ndarray]:
+        return [self.trainer.predict(images, batch_size)]
+
+    def checkpoint_bytes(self, meta: dict, index: int) -> bytes:
+        return self.trainer.checkpoint_bytes(meta)
+
+    def model_bytes(self, index: int) -> bytes:
+        return self.trainer.model_bytes()
 
 
 @dataclass(frozen=True)
@@ -103,6 +155,7 @@ class RunSettings:
     data_dir: Path
     out: Path
     dry_run: bool
+    validation: bool
     device: str
     threads: int | None
     save_model: bool
@@ -111,6 +164,16 @@ class RunSettings:
         data = dataclasses.asdict(self)
         data.update(recipe=self.recipe.to_dict(), data_dir=str(self.data_dir), out=str(self.out))
         return data
+
+
+@dataclass(frozen=True)
+class EvaluationSet:
+    """The images every epoch is evaluated on: the test set, or the validation split."""
+
+    name: str  # "Test" or "Validation"
+    pixels: np.ndarray  # uint8, for the misclassified grid
+    inputs: np.ndarray  # normalised
+    labels: np.ndarray
 
 
 def main(framework: Framework, argv: list[str] | None = None) -> int:
@@ -128,70 +191,152 @@ def main(framework: Framework, argv: list[str] | None = None) -> int:
     return 0
 
 
-def train_from_args(framework: Framework, args: argparse.Namespace) -> list[EpochRecord]:
-    """Resolve the settings, then train; returns the full metrics history."""
+def train_from_args(framework: Framework, args: argparse.Namespace) -> list[list[EpochRecord]]:
+    """Resolve the settings, then train; returns the metrics history of every seed trained."""
+    if args.seeds:
+        if args.resume or args.seed is not None:
+            raise UserFacingError("--seeds trains new runs: it cannot be combined with --seed or --resume "
+                                  "(resume one seed's directory on its own).")
+        return run_seeds(framework, _settings(framework, args, None), args.seeds)
     resumed = framework.read_checkpoint(_checkpoint_path(framework, args.resume)) if args.resume else None
     settings = _settings(framework, args, resumed[0] if resumed else None)
-    return run(framework, settings, resumed)
+    return train(framework, [settings], resumed)
 
 
-def run(framework: Framework, settings: RunSettings, resumed: tuple[dict, Any] | None = None) -> list[EpochRecord]:
-    """Train `settings.recipe`, writing every artefact into `settings.out`."""
-    recipe, out = settings.recipe, settings.out
-    data = load_mnist(settings.data_dir)
-    test_count = cli.DRY_RUN_TEST_IMAGES if settings.dry_run else len(data.test_labels)
-    test_inputs = normalize(data.test_images[:test_count])
-    test_labels = data.test_labels[:test_count]
-    epochs = min(recipe.epochs, cli.DRY_RUN_EPOCHS) if settings.dry_run else recipe.epochs
+def run_seeds(framework: Framework, settings: RunSettings, seeds: tuple[int, ...]) -> list[list[EpochRecord]]:
+    """Train every seed into <out>/seed<S>, together if the framework can, and summarise."""
+    runs = [dataclasses.replace(settings, seed=seed, out=settings.out / f"seed{seed}") for seed in seeds]
+    for run in runs:
+        _refuse_to_overwrite(framework, run.out)
+    if framework.create_seed_group:
+        histories = train(framework, runs)
+    else:
+        histories = [train(framework, [run])[0] for run in runs]
+    summary = markdown_report([run.out for run in runs])
+    (settings.out / "summary.md").write_text(summary + "\n")
+    finals = [history[-1].test_accuracy for history in histories]
+    write_json(settings.out / "summary.json", {
+        "seeds": list(seeds), "final_accuracy": finals, "mean": float(np.mean(finals)),
+        "std": float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0, "min": min(finals), "max": max(finals),
+        "evaluated_on": "validation" if settings.validation else "test", "recipe": settings.recipe.to_dict(),
+    })
+    print(summary)
+    return histories
 
-    steps_per_epoch = len(_epoch_plan(settings, data, 1).batch_slices())
-    trainer = framework.create_trainer(
-        TrainerConfig(recipe, settings.seed, settings.device, settings.threads, steps_per_epoch)
-    )
-    history: list[EpochRecord] = []
+
+def train(framework: Framework, runs: list[RunSettings],
+          resumed: tuple[dict, Any] | None = None) -> list[list[EpochRecord]]:
+    """Train the seeds of `runs` (same recipe and options) together; each writes its own run
+    directory. One run is the ordinary case; several need `framework.create_seed_group`."""
+    first = runs[0]
+    recipe = first.recipe
+    data = load_mnist(first.data_dir)
+    if first.validation:
+        data = validation_split(data)
+    evaluation_set = _evaluation_set(first, data)
+    epochs = min(recipe.epochs, cli.DRY_RUN_EPOCHS) if first.dry_run else recipe.epochs
+    config = TrainerConfig(recipe, first.seed, first.device, first.threads,
+                           steps_per_epoch=len(_epoch_plan(first, data, 1).batch_slices()))
+    if len(runs) == 1:
+        single = framework.create_trainer(config)
+        if resumed:
+            single.restore(resumed[1])
+        trainer: SeedGroupTrainer = _SingleSeed(single)
+    else:
+        trainer = framework.create_seed_group(config, [run.seed for run in runs])
+    logs = [RunLog(framework, run, trainer.describe(), evaluation_set) for run in runs]
     if resumed:
-        meta, state = resumed
-        trainer.restore(state)
-        history = [EpochRecord(**record) for record in meta["history"]]
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", {**settings.to_dict(), "framework": trainer.describe(),
-                                     "command": sys.argv})
-    _announce(framework, settings, trainer, len(history), epochs)
+        logs[0].history = [EpochRecord(**record) for record in resumed[0]["history"]]
+    _announce(framework, runs, trainer, len(logs[0].history), epochs)
 
-    evaluation = None
-    for epoch in range(len(history) + 1, epochs + 1):
-        plan = _epoch_plan(settings, data, epoch)
+    evaluations = None
+    for epoch in range(len(logs[0].history) + 1, epochs + 1):
+        plans = [_epoch_plan(run, data, epoch) for run in runs]
         if epoch == 1:
-            _plot_samples(plan, data, out / "samples.png")
+            for log, plan in zip(logs, plans, strict=True):
+                log.plot_samples(plan, data)
         lr, compiled_before = trainer.learning_rate(), trainer.compile_seconds()
-        progress = EpochProgress(epoch, epochs, len(plan.order), enabled=sys.stderr.isatty())
+        progresses = [EpochProgress(epoch, epochs, len(plan.order), enabled=index == 0 and sys.stderr.isatty())
+                      for index, plan in enumerate(plans)]
         started = time.perf_counter()
-        trainer.train_epoch(plan, data.train_images, data.train_labels, progress)
+        trainer.train_epoch(plans, data.train_images, data.train_labels, progresses)
         epoch_seconds = time.perf_counter() - started
-        progress.close()
+        progresses[0].close()
 
         started = time.perf_counter()
-        evaluation = evaluate_log_probs(trainer.predict(test_inputs, settings.test_batch_size), test_labels)
+        predictions = trainer.predict(evaluation_set.inputs, first.test_batch_size)
+        evaluations = [evaluate_log_probs(log_probs, evaluation_set.labels) for log_probs in predictions]
         eval_seconds = time.perf_counter() - started
-        record = EpochRecord(epoch, lr, progress.loss, progress.accuracy, evaluation.loss, evaluation.accuracy,
-                             epoch_seconds, eval_seconds, trainer.compile_seconds() - compiled_before)
-        history.append(record)
-        meta = {"format": CHECKPOINT_FORMAT, "framework": framework.name, "epoch": epoch,
-                "settings": settings.to_dict(), "history": [dataclasses.asdict(r) for r in history]}
-        atomic_write_bytes(out / framework.checkpoint_name, trainer.checkpoint_bytes(meta))
-        write_metrics(out / "metrics.jsonl", history)
-        plot_curves(history, out / "curves.png", f"{framework.title}, recipe {recipe.name}, seed {settings.seed}")
-        _print_epoch(record, evaluation.correct, len(test_labels))
+        compile_seconds = trainer.compile_seconds() - compiled_before
+        for index, (log, progress, evaluation) in enumerate(zip(logs, progresses, evaluations, strict=True)):
+            record = EpochRecord(epoch, lr, progress.loss, progress.accuracy, evaluation.loss, evaluation.accuracy,
+                                 epoch_seconds, eval_seconds, compile_seconds)
+            log.end_epoch(record, evaluation, lambda meta, index=index: trainer.checkpoint_bytes(meta, index))
 
-    if evaluation is None:  # resumed a run that had already finished: evaluate it again
-        evaluation = evaluate_log_probs(trainer.predict(test_inputs, settings.test_batch_size), test_labels)
-    _plot_misclassified(data.test_images[:test_count], test_labels, evaluation.predictions,
-                        out / "misclassified.png")
-    if settings.save_model:
-        atomic_write_bytes(out / framework.model_name, trainer.model_bytes())
-    print(f"final test accuracy {evaluation.accuracy:.2f}% ({evaluation.correct}/{len(test_labels)}) "
-          f"after epoch {len(history)}; artefacts in {out}")
-    return history
+    if evaluations is None:  # resumed a run that had already finished: evaluate it again
+        predictions = trainer.predict(evaluation_set.inputs, first.test_batch_size)
+        evaluations = [evaluate_log_probs(log_probs, evaluation_set.labels) for log_probs in predictions]
+    for index, (log, evaluation) in enumerate(zip(logs, evaluations, strict=True)):
+        log.finish(evaluation, trainer.model_bytes(index) if log.settings.save_model else None)
+    return [log.history for log in logs]
+
+
+class RunLog:
+    """Everything one seed's run writes into its directory, and its lines on the console."""
+
+    def __init__(self, framework: Framework, settings: RunSettings, facts: dict, evaluation_set: EvaluationSet):
+        self.framework, self.settings, self.evaluation_set = framework, settings, evaluation_set
+        self.history: list[EpochRecord] = []
+        settings.out.mkdir(parents=True, exist_ok=True)
+        write_json(settings.out / "config.json", {**settings.to_dict(), "framework": facts, "command": sys.argv})
+
+    def plot_samples(self, plan: EpochPlan, data: Mnist) -> None:
+        positions = slice(0, min(GRID_IMAGES, len(plan.order)))
+        pixels = plan.augmented_pixels(data.train_images, positions)
+        labels = data.train_labels[plan.order[positions]]
+        plot_digits(pixels, [f"label {y}" for y in labels], self.settings.out / "samples.png",
+                    "Augmented training images (epoch 1)")
+
+    def end_epoch(self, record: EpochRecord, evaluation: Evaluation, checkpoint: Callable[[dict], bytes]) -> None:
+        """Checkpoint first (atomically), then metrics and plots, then the console line."""
+        self.history.append(record)
+        meta = {"format": CHECKPOINT_FORMAT, "framework": self.framework.name, "epoch": record.epoch,
+                "settings": self.settings.to_dict(), "history": [dataclasses.asdict(r) for r in self.history]}
+        out = self.settings.out
+        atomic_write_bytes(out / self.framework.checkpoint_name, checkpoint(meta))
+        write_metrics(out / "metrics.jsonl", self.history)
+        plot_curves(self.history, out / "curves.png",
+                    f"{self.framework.title}, recipe {self.settings.recipe.name}, seed {self.settings.seed}")
+        compiling = f" (incl. {record.compile_seconds:.1f} s compiling)" if record.compile_seconds else ""
+        tqdm.write(
+            f"{self._prefix()}epoch {record.epoch:2d}  lr {record.lr:.5f}  train loss {record.train_loss:.4f} "
+            f"acc {record.train_accuracy:.2f}%  |  {self.evaluation_set.name} set: average loss "
+            f"{record.test_loss:.4f}, accuracy {evaluation.correct}/{len(self.evaluation_set.labels)} "
+            f"({record.test_accuracy:.2f}%)  |  {record.epoch_seconds:.1f} s train, "
+            f"{record.eval_seconds:.1f} s {self.evaluation_set.name.lower()}{compiling}"
+        )
+
+    def finish(self, evaluation: Evaluation, model: bytes | None) -> None:
+        out, labels = self.settings.out, self.evaluation_set.labels
+        wrong = np.flatnonzero(evaluation.predictions != labels)[:GRID_IMAGES]
+        plot_digits(self.evaluation_set.pixels[wrong],
+                    [f"true {labels[i]}, pred {evaluation.predictions[i]}" for i in wrong],
+                    out / "misclassified.png",
+                    f"Misclassified {self.evaluation_set.name.lower()} images (first {len(wrong)})")
+        if model is not None:
+            atomic_write_bytes(out / self.framework.model_name, model)
+        print(f"{self._prefix()}final {self.evaluation_set.name.lower()} accuracy {evaluation.accuracy:.2f}% "
+              f"({evaluation.correct}/{len(labels)}) after epoch {len(self.history)}; artefacts in {out}")
+
+    def _prefix(self) -> str:
+        return f"[seed {self.settings.seed}] " if self.settings.out.name == f"seed{self.settings.seed}" else ""
+
+
+def _evaluation_set(settings: RunSettings, data: Mnist) -> EvaluationSet:
+    count = cli.DRY_RUN_TEST_IMAGES if settings.dry_run else len(data.test_labels)
+    pixels = data.test_images[:count]
+    return EvaluationSet("Validation" if settings.validation else "Test", pixels, normalize(pixels),
+                         data.test_labels[:count])
 
 
 def _epoch_plan(settings: RunSettings, data: Mnist, epoch: int) -> EpochPlan:
@@ -205,18 +350,15 @@ def _epoch_plan(settings: RunSettings, data: Mnist, epoch: int) -> EpochPlan:
 def _settings(framework: Framework, args: argparse.Namespace, resumed_meta: dict | None) -> RunSettings:
     """Merge flags with the recipe, or with the checkpoint's settings when resuming."""
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum}
-    common = {"test_batch_size": args.test_batch_size, "dry_run": args.dry_run, "device": args.device,
+    common = {"test_batch_size": args.test_batch_size, "dry_run": args.dry_run, "validation": args.validation,
+              "device": args.device,
               "threads": args.threads, "save_model": args.save_model,
               "data_dir": resolve_data_dir(args.data_dir)}
     if resumed_meta is None:
         recipe = get_recipe(args.recipe or DEFAULT_RECIPE).with_overrides(**overrides)
         seed = args.seed if args.seed is not None else 0
-        out = Path(args.out) if args.out else _default_out(framework, recipe, seed, args.dry_run)
-        if (out / framework.checkpoint_name).exists():
-            raise UserFacingError(
-                f"{out} already holds a checkpoint; continue it with --resume {out}, or choose "
-                "another --out (nothing was overwritten)."
-            )
+        out = Path(args.out) if args.out else _default_out(framework, recipe, args.seeds or seed, args.dry_run)
+        _refuse_to_overwrite(framework, out)
         return RunSettings(recipe=recipe, seed=seed, out=out, **common)
 
     saved = resumed_meta["settings"]
@@ -230,8 +372,19 @@ def _settings(framework: Framework, args: argparse.Namespace, resumed_meta: dict
             "a resumed run keeps the recipe and seed it started with, but these flags differ: "
             + ", ".join(conflicts) + ". Drop them, or start a new run without --resume."
         )
+    if args.validation and not saved["validation"]:
+        raise UserFacingError("--validation: the resumed run was evaluated on the test set; start a new run.")
+    common["validation"] = saved["validation"]
     out = Path(args.out) if args.out else Path(_checkpoint_path(framework, args.resume)).parent
     return RunSettings(recipe=recipe, seed=saved["seed"], out=out, **common)
+
+
+def _refuse_to_overwrite(framework: Framework, out: Path) -> None:
+    if (out / framework.checkpoint_name).exists():
+        raise UserFacingError(
+            f"{out} already holds a checkpoint; continue it with --resume {out}, or choose "
+            "another --out (nothing was overwritten)."
+        )
 
 
 def _checkpoint_path(framework: Framework, resume: str) -> Path:
@@ -243,38 +396,21 @@ def _checkpoint_path(framework: Framework, resume: str) -> Path:
     return path
 
 
-def _default_out(framework: Framework, recipe: Recipe, seed: int, dry_run: bool) -> Path:
+def _default_out(framework: Framework, recipe: Recipe, seed: int | tuple[int, ...], dry_run: bool) -> Path:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     suffix = "-dry-run" if dry_run else ""
-    return Path("runs") / f"{framework.name}-{recipe.name}-seed{seed}-{stamp}{suffix}"
+    seeds = "seeds" + "-".join(map(str, seed)) if isinstance(seed, tuple) else f"seed{seed}"
+    return Path("runs") / f"{framework.name}-{recipe.name}-{seeds}-{stamp}{suffix}"
 
 
-def _announce(framework: Framework, settings: RunSettings, trainer: Trainer, done: int, epochs: int) -> None:
-    recipe = settings.recipe
+def _announce(framework: Framework, runs: list[RunSettings], trainer: SeedGroupTrainer, done: int,
+              epochs: int) -> None:
+    recipe = runs[0].recipe
     facts = ", ".join(f"{k} {v}" for k, v in trainer.describe().items())
     start = f"resuming after epoch {done}" if done else "starting"
+    seeds = ", ".join(str(run.seed) for run in runs)
+    where = runs[0].out if len(runs) == 1 else runs[0].out.parent
+    evaluated = "; evaluated on the validation split" if runs[0].validation else ""
     print(f"{framework.title} ({facts}): recipe {recipe.name}, {epochs} epochs, batch {recipe.batch_size}, "
-          f"lr {recipe.lr}, momentum {recipe.momentum}, seed {settings.seed}; {start}; run directory {settings.out}")
-
-
-def _print_epoch(record: EpochRecord, correct: int, total: int) -> None:
-    compiling = f" (incl. {record.compile_seconds:.1f} s compiling)" if record.compile_seconds else ""
-    tqdm.write(
-        f"epoch {record.epoch:2d}  lr {record.lr:.5f}  train loss {record.train_loss:.4f} "
-        f"acc {record.train_accuracy:.2f}%  |  Test set: average loss {record.test_loss:.4f}, "
-        f"accuracy {correct}/{total} ({record.test_accuracy:.2f}%)  |  {record.epoch_seconds:.1f} s train, "
-        f"{record.eval_seconds:.1f} s test{compiling}"
-    )
-
-
-def _plot_samples(plan: EpochPlan, data: Mnist, path: Path) -> None:
-    positions = slice(0, min(GRID_IMAGES, len(plan.order)))
-    pixels = plan.augmented_pixels(data.train_images, positions)
-    labels = data.train_labels[plan.order[positions]]
-    plot_digits(pixels, [f"label {y}" for y in labels], path, "Augmented training images (epoch 1)")
-
-
-def _plot_misclassified(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray, path: Path) -> None:
-    wrong = np.flatnonzero(predictions != labels)[:GRID_IMAGES]
-    captions = [f"true {labels[i]}, pred {predictions[i]}" for i in wrong]
-    plot_digits(images[wrong], captions, path, f"Misclassified test images (first {len(wrong)})")
+          f"lr {recipe.lr}, momentum {recipe.momentum}, seed{'s' if len(runs) > 1 else ''} {seeds}{evaluated}; "
+          f"{start}; run directory {where}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import jax
@@ -48,35 +47,43 @@ class AheadOfTime:
         return compiled(*args)
 
 
-def _report(progress: EpochProgress, count: int, metrics: dict[str, jax.Array]) -> None:
-    progress.update(count, float(metrics["loss_sum"].sum()), int(metrics["correct"].sum()))
+def _report(progresses: list[EpochProgress], count: int, metrics: dict[str, jax.Array], grouped: bool) -> None:
+    """Hand each seed's summed loss and correct count to its progress (waits for the device)."""
+    loss_sums, corrects = np.asarray(metrics["loss_sum"]), np.asarray(metrics["correct"])
+    if not grouped:
+        loss_sums, corrects = loss_sums[None], corrects[None]
+    for progress, loss_sum, correct in zip(progresses, loss_sums, corrects, strict=True):
+        progress.update(count, float(loss_sum.sum()), int(correct.sum()))
 
 
 class LoopEpoch:
-    """One compiled step per batch, batches augmented on the host."""
+    """One compiled step per batch, batches augmented on the host. With `grouped`, the state
+    holds several seeds stacked on a leading axis and the step is vmapped over them."""
 
     name = "loop"
 
-    def __init__(self, device: jax.Device):
-        self.device = device
-        self.step = AheadOfTime(jax.jit(train_step, donate_argnums=0))
+    def __init__(self, device: jax.Device, grouped: bool = False):
+        self.device, self.grouped = device, grouped
+        self.step = AheadOfTime(jax.jit(jax.vmap(train_step) if grouped else train_step, donate_argnums=0))
 
-    def __call__(self, state: TrainState, key: jax.Array, plan: EpochPlan, images: np.ndarray,
-                 labels: np.ndarray, progress: EpochProgress) -> TrainState:
+    def __call__(self, state: TrainState, key: jax.Array, plans: list[EpochPlan], images: np.ndarray,
+                 labels: np.ndarray, progresses: list[EpochProgress]) -> TrainState:
         in_flight = None
-        for batch in train_batches(plan, images, labels):
-            inputs = jax.device_put(batch.images[..., None], self.device)
-            targets = jax.device_put(batch.labels.astype(np.int32), self.device)
-            state, metrics = self.step(len(targets), state, (inputs, targets), key)
+        for batches in zip(*(train_batches(plan, images, labels) for plan in plans), strict=True):
+            inputs = np.stack([batch.images[..., None] for batch in batches])
+            targets = np.stack([batch.labels.astype(np.int32) for batch in batches])
+            if not self.grouped:
+                inputs, targets = inputs[0], targets[0]
+            inputs, targets = jax.device_put((inputs, targets), self.device)
+            state, metrics = self.step(targets.shape, state, (inputs, targets), key)
             if in_flight:
-                _report(progress, *in_flight)  # waits for the previous step only
-            in_flight = (len(targets), metrics)
+                _report(progresses, *in_flight, self.grouped)  # waits for the previous step only
+            in_flight = (len(batches[0].labels), metrics)
         if in_flight:
-            _report(progress, *in_flight)
+            _report(progresses, *in_flight, self.grouped)
         return state
 
 
-@partial(jax.jit, static_argnames="crop_size", donate_argnums=0)
 def scan_steps(state: TrainState, key: jax.Array, images: jax.Array, labels: jax.Array, order: jax.Array,
                crop: jax.Array, source_index: jax.Array, crop_size: int) -> tuple[TrainState, dict]:
     """Train on batches order[i] (with their draws) for every i, entirely on the device."""
@@ -90,33 +97,48 @@ def scan_steps(state: TrainState, key: jax.Array, images: jax.Array, labels: jax
     return jax.lax.scan(body, state, (order, crop, source_index))
 
 
+def scan_steps_grouped(state: TrainState, key: jax.Array, images: jax.Array, labels: jax.Array, order: jax.Array,
+                       crop: jax.Array, source_index: jax.Array, crop_size: int) -> tuple[TrainState, dict]:
+    """`scan_steps` for stacked seeds: each with its own state, key and draws, the data shared."""
+
+    def one_seed(state, key, order, crop, source_index):
+        return scan_steps(state, key, images, labels, order, crop, source_index, crop_size)
+
+    return jax.vmap(one_seed)(state, key, order, crop, source_index)
+
+
 class ScanEpoch:
-    """The whole epoch as one compiled scan over device-resident uint8 data."""
+    """The whole epoch as one compiled scan over device-resident uint8 data (vmapped over
+    stacked seeds with `grouped`)."""
 
     name = "scan"
 
-    def __init__(self, device: jax.Device):
-        self.device = device
-        self.step = AheadOfTime(scan_steps)
+    def __init__(self, device: jax.Device, grouped: bool = False):
+        self.device, self.grouped = device, grouped
+        function = scan_steps_grouped if grouped else scan_steps
+        self.step = AheadOfTime(jax.jit(function, static_argnames="crop_size", donate_argnums=0))
         self._resident: tuple[np.ndarray, jax.Array, jax.Array] | None = None
 
-    def __call__(self, state: TrainState, key: jax.Array, plan: EpochPlan, images: np.ndarray,
-                 labels: np.ndarray, progress: EpochProgress) -> TrainState:
+    def __call__(self, state: TrainState, key: jax.Array, plans: list[EpochPlan], images: np.ndarray,
+                 labels: np.ndarray, progresses: list[EpochProgress]) -> TrainState:
         device_images, device_labels = self._on_device(images, labels)
         # The sampling coordinates are the core's (float64, on the host); int16 halves the copy.
-        source_index = rotation_source_index(plan.angles).astype(np.int16)
+        draws = [(plan.order.astype(np.int32), plan.crop, rotation_source_index(plan.angles).astype(np.int16))
+                 for plan in plans]
+        plan = plans[0]  # all seeds share the sizes
         full = len(plan.order) // plan.batch_size * plan.batch_size
         for part in (slice(0, full), slice(full, len(plan.order))):
             count = part.stop - part.start
             if count == 0:
                 continue
             batch = plan.batch_size if part.start == 0 else count
-            shaped = [jax.device_put(a[part].reshape(count // batch, batch, *a.shape[1:]), self.device)
-                      for a in (plan.order.astype(np.int32), plan.crop, source_index)]
-            args = (state, key, device_images, device_labels, *shaped)
-            signature = (count // batch, batch, plan.crop_size)
-            state, metrics = self.step(signature, *args, crop_size=plan.crop_size)
-            _report(progress, count, metrics)
+            shaped = [np.stack([seed_draws[i][part].reshape(count // batch, batch, *seed_draws[i].shape[1:])
+                                for seed_draws in draws]) for i in range(3)]
+            if not self.grouped:
+                shaped = [array[0] for array in shaped]
+            args = (state, key, device_images, device_labels, *jax.device_put(shaped, self.device))
+            state, metrics = self.step((count // batch, batch, plan.crop_size), *args, crop_size=plan.crop_size)
+            _report(progresses, count, metrics, self.grouped)
         return state
 
     def _on_device(self, images: np.ndarray, labels: np.ndarray) -> tuple[jax.Array, jax.Array]:

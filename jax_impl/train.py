@@ -14,7 +14,7 @@ import jax
 
 from common.mnist import DEFAULT_DATA_DIR
 from common.training import Framework, main
-from jax_impl.trainer import JaxTrainer, read_checkpoint, read_weights
+from jax_impl.trainer import JaxSeedGroup, JaxTrainer, read_checkpoint, read_weights
 
 FRAMEWORK = Framework(
     name="jax",
@@ -25,6 +25,7 @@ FRAMEWORK = Framework(
     create_trainer=JaxTrainer,
     read_checkpoint=read_checkpoint,
     read_weights=read_weights,
+    create_seed_group=JaxSeedGroup,
 )
 
 

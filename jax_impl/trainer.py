@@ -13,6 +13,7 @@ from typing import Any
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import serialization
@@ -55,12 +56,9 @@ class JaxTrainer:
     def __init__(self, config: TrainerConfig):
         limit_threads(config.threads)
         self.device = select_device(config.device)
-        init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
-        self.dropout_key = jax.device_put(dropout_key, self.device)
         self.schedule = learning_rate_schedule(config.recipe, config.steps_per_epoch)
-        state = create_train_state(init_key, config.recipe, config.steps_per_epoch,
-                                   weight_grad_chunk_for(self.device.platform))
-        self.state = jax.device_put(state, self.device)
+        state, self.dropout_key = initial_state(jax.random.key(config.seed), config, self.device)
+        self.state, self.dropout_key = jax.device_put((state, self.dropout_key), self.device)
         self.epoch_runner = EPOCH_RUNNERS[default_epoch_runner(self.device)](self.device)
         self.evaluate = AheadOfTime(jax.jit(eval_step))
 
@@ -76,18 +74,13 @@ class JaxTrainer:
         return self.epoch_runner.step.compile_seconds + self.evaluate.compile_seconds
 
     def train_epoch(self, plan: EpochPlan, images: np.ndarray, labels: np.ndarray, progress: EpochProgress) -> None:
-        self.state = self.epoch_runner(self.state, self.dropout_key, plan, images, labels, progress)
+        self.state = self.epoch_runner(self.state, self.dropout_key, [plan], images, labels, [progress])
 
     def predict(self, images: np.ndarray, batch_size: int) -> np.ndarray:
-        outputs = []
-        for start in range(0, len(images), batch_size):
-            inputs = jax.device_put(images[start : start + batch_size, ..., None], self.device)
-            outputs.append(self.evaluate(len(inputs), self.state, inputs))
-        return np.concatenate([np.asarray(out) for out in outputs])
+        return predict_in_batches(self.evaluate, self.state, images, batch_size, self.device)
 
     def checkpoint_bytes(self, meta: dict) -> bytes:
-        state = serialization.to_state_dict(jax.device_get(self.state))
-        return serialization.msgpack_serialize({"meta": json.dumps(meta), "state": state})
+        return checkpoint_bytes(self.state, meta)
 
     def restore(self, state: dict) -> None:
         try:
@@ -109,6 +102,72 @@ class JaxTrainer:
             raise CheckpointError(f"the weights do not fit the model: {error}") from error
         _check_shapes(current, restored)
         self.state = self.state.replace(**jax.device_put(restored, self.device))
+
+
+class JaxSeedGroup:
+    """Several seeds trained in one compiled program: their states stacked on a leading axis
+    and every step vmapped over it. Seed k starts from the weights and dropout key a single run
+    of seed k would, and sees that run's batches, so it follows the same trajectory."""
+
+    def __init__(self, config: TrainerConfig, seeds: list[int]):
+        limit_threads(config.threads)
+        self.device = select_device(config.device)
+        self.seeds = seeds
+        self.schedule = learning_rate_schedule(config.recipe, config.steps_per_epoch)
+        keys = jnp.stack([jax.random.key(seed) for seed in seeds])
+        state, self.dropout_keys = jax.vmap(lambda key: initial_state(key, config, self.device))(keys)
+        self.state, self.dropout_keys = jax.device_put((state, self.dropout_keys), self.device)
+        self.epoch_runner = EPOCH_RUNNERS[default_epoch_runner(self.device)](self.device, grouped=True)
+        self.evaluate = AheadOfTime(jax.jit(jax.vmap(eval_step, in_axes=(0, None))))
+
+    def describe(self) -> dict[str, Any]:
+        return {"framework": "JAX", "version": jax.__version__, "flax": flax.__version__,
+                "optax": optax.__version__, "device": str(self.device), "epoch": self.epoch_runner.name,
+                "threads": len(os.sched_getaffinity(0)), "vmapped seeds": len(self.seeds)}
+
+    def learning_rate(self) -> float:
+        return float(self.schedule(int(self.state.step[0])))
+
+    def compile_seconds(self) -> float:
+        return self.epoch_runner.step.compile_seconds + self.evaluate.compile_seconds
+
+    def train_epoch(self, plans: list[EpochPlan], images: np.ndarray, labels: np.ndarray,
+                    progresses: list[EpochProgress]) -> None:
+        self.state = self.epoch_runner(self.state, self.dropout_keys, plans, images, labels, progresses)
+
+    def predict(self, images: np.ndarray, batch_size: int) -> list[np.ndarray]:
+        return list(predict_in_batches(self.evaluate, self.state, images, batch_size, self.device, axis=1))
+
+    def checkpoint_bytes(self, meta: dict, index: int) -> bytes:
+        return checkpoint_bytes(jax.tree_util.tree_map(lambda leaf: leaf[index], self.state), meta)
+
+    def model_bytes(self, index: int) -> bytes:
+        weights = {"params": self.state.params, "batch_stats": self.state.batch_stats}
+        one = jax.tree_util.tree_map(lambda leaf: leaf[index], jax.device_get(weights))
+        return serialization.msgpack_serialize(serialization.to_state_dict(one))
+
+
+def initial_state(key: jax.Array, config: TrainerConfig, device: jax.Device):
+    """(train state, dropout key) of the seed whose root key is `key`."""
+    init_key, dropout_key = jax.random.split(key)
+    state = create_train_state(init_key, config.recipe, config.steps_per_epoch, weight_grad_chunk_for(device.platform))
+    return state, dropout_key
+
+
+def predict_in_batches(evaluate: AheadOfTime, state, images: np.ndarray, batch_size: int, device: jax.Device,
+                       axis: int = 0) -> np.ndarray:
+    """Eval-mode log-probabilities of normalised images (N, 28, 28), `batch_size` at a time."""
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        inputs = jax.device_put(images[start : start + batch_size, ..., None], device)
+        outputs.append(evaluate(len(inputs), state, inputs))
+    return np.concatenate([np.asarray(out) for out in outputs], axis=axis)
+
+
+def checkpoint_bytes(state, meta: dict) -> bytes:
+    """One seed's whole training state and `meta`, as msgpack."""
+    state_dict = serialization.to_state_dict(jax.device_get(state))
+    return serialization.msgpack_serialize({"meta": json.dumps(meta), "state": state_dict})
 
 
 def _check_shapes(expected: dict, given: dict) -> None:

@@ -102,7 +102,7 @@ def test_scan_epoch_and_step_loop_train_the_same(mnist):
             state = state.replace(params=_to_float64(state.params), batch_stats=_to_float64(state.batch_stats),
                                   opt_state=_to_float64(state.opt_state))
             progress = EpochProgress(1, 1, len(plan.order), enabled=False)
-            state = runner(state, key, plan, mnist.train_images, mnist.train_labels, progress)
+            state = runner(state, key, [plan], mnist.train_images, mnist.train_labels, [progress])
             results.append((state, progress.loss, progress.correct))
     finally:
         jax.config.update("jax_enable_x64", False)
@@ -209,3 +209,52 @@ def test_no_jax_impl_module_imports_torch():
             if any(name.split(".")[0] in ("torch", "torch_ref") for name in names):
                 assert path.name == "convert.py", f"{path.name} imports {names}"
                 assert node not in tree.body, f"convert.py imports {names} at module level"
+
+
+def test_vmapped_seed_group_follows_each_single_run(mnist):
+    """Seed k of a vmapped group (JaxSeedGroup) against a single run of seed k, 3 steps of 64
+    real images with dropout. float64, so that only the batching of the vmapped convolutions
+    can reorder sums: 1e-9 relative, as for the two epoch runners."""
+    from common.batching import plan_epoch
+    from jax_impl.trainer import JaxSeedGroup
+
+    seeds = [3, 5]
+    config = TrainerConfig(SEED.with_overrides(batch_size=64), seed=0, device="cpu", threads=None, steps_per_epoch=3)
+    jax.config.update("jax_enable_x64", True)
+    try:
+        plans = [plan_epoch(seed, 1, len(mnist.train_labels), 64, SEED.augmentation).head(64 * 3) for seed in seeds]
+        group = JaxSeedGroup(config, seeds)
+        group.state = _to_float64_state(group.state)
+        group_progress = [EpochProgress(1, 1, 192, enabled=False) for _ in seeds]
+        group.train_epoch(plans, mnist.train_images, mnist.train_labels, group_progress)
+        for index, (seed, plan) in enumerate(zip(seeds, plans, strict=True)):
+            single = JaxTrainer(dataclasses.replace(config, seed=seed))
+            single.state = _to_float64_state(single.state)
+            progress = EpochProgress(1, 1, 192, enabled=False)
+            single.train_epoch(plan, mnist.train_images, mnist.train_labels, progress)
+            assert group_progress[index].loss == pytest.approx(progress.loss, rel=1e-9)
+            assert group_progress[index].correct == progress.correct
+            ours = jax.tree_util.tree_map(lambda leaf, i=index: leaf[i], (group.state.params, group.state.batch_stats))
+            for a, b in zip(jax.tree_util.tree_leaves(ours),
+                            jax.tree_util.tree_leaves((single.state.params, single.state.batch_stats)), strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+        images = core_normalize(mnist.test_images[:50])
+        np.testing.assert_allclose(group.predict(images, 25)[1], single.predict(images, 25), rtol=1e-9, atol=1e-12)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+def _to_float64_state(state):
+    return state.replace(params=_to_float64(state.params), batch_stats=_to_float64(state.batch_stats),
+                         opt_state=_to_float64(state.opt_state))
+
+
+def test_seeds_flag_writes_one_run_per_seed_and_a_summary(tmp_path, mnist_dir):
+    out = tmp_path / "group"
+    assert train(["--dry-run", "--seeds", "0,2", "--out", str(out)], mnist_dir) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [0, 2] and len(summary["final_accuracy"]) == 2
+    for seed in (0, 2):
+        meta, _ = read_checkpoint(out / f"seed{seed}" / "checkpoint.msgpack")
+        assert meta["settings"]["seed"] == seed and meta["epoch"] == 2
+    assert "| JAX seed 0 | JAX seed 2 |" in (out / "summary.md").read_text()

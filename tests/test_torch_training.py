@@ -138,7 +138,8 @@ def test_bad_flags_are_rejected_by_the_parser(flags, message, capsys):
 def test_help_explains_every_flag():
     parser = build_parser("PyTorch", "torch_ref.train")
     expected = {"--recipe", "--epochs", "--batch-size", "--test-batch-size", "--lr", "--momentum", "--seed",
-                "--data-dir", "--out", "--dry-run", "--device", "--threads", "--save-model", "--resume"}
+                "--data-dir", "--out", "--dry-run", "--device", "--threads", "--save-model", "--resume", "--seeds",
+                "--validation"}
     options = {a.option_strings[-1]: a for a in parser._actions if a.option_strings and a.dest != "help"}
     assert set(options) == expected
     assert all(len(action.help) > 20 for action in options.values())
@@ -178,3 +179,25 @@ def test_gpu_resident_batches_equal_host_batches(mnist):
     assert len(host) == len(resident) == 3
     for (host_x, host_y), (dev_x, dev_y) in zip(host, resident, strict=True):
         assert torch.equal(host_x, dev_x) and torch.equal(host_y, dev_y)
+
+
+def test_seeds_run_one_after_another_with_a_summary(tmp_path, mnist_dir):
+    out = tmp_path / "seeds"
+    assert train(["--dry-run", "--seeds", "1,2", "--validation", "--out", str(out)], mnist_dir) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [1, 2] and summary["evaluated_on"] == "validation"
+    assert [read_checkpoint(out / f"seed{s}" / "checkpoint.pt")[0]["settings"]["seed"] for s in (1, 2)] == [1, 2]
+
+
+def test_seeds_and_resume_do_not_mix(dry_run, mnist_dir, capsys):
+    assert train(["--seeds", "0,1", "--resume", str(dry_run)], mnist_dir) == 2
+    assert "cannot be combined" in capsys.readouterr().err
+
+
+def test_validation_split_holds_out_the_last_5000_training_images(mnist):
+    from common.mnist import validation_split
+
+    split = validation_split(mnist)
+    assert len(split.train_labels) == 55000 and len(split.test_labels) == 5000
+    np.testing.assert_array_equal(split.test_images, mnist.train_images[55000:])
+    np.testing.assert_array_equal(split.train_labels, mnist.train_labels[:55000])
