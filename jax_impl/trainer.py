@@ -19,6 +19,7 @@ import optax
 from flax import serialization
 
 from common.batching import EpochPlan
+from common.checkpoints import checkpoint_meta, unreadable
 from common.errors import CheckpointError, UserFacingError
 from common.progress import EpochProgress
 from common.training import TrainerConfig
@@ -183,22 +184,13 @@ def _load(path: Path) -> object:
     try:
         return serialization.msgpack_restore(Path(path).read_bytes())
     except Exception as error:  # msgpack raises several types for truncated or foreign files
-        raise CheckpointError(
-            f"{path} cannot be read as a JAX checkpoint ({type(error).__name__}: {error}). It may be "
-            "truncated or not a file of this project; it was not modified."
-        ) from error
+        raise unreadable(path, "JAX", error) from error
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict]:
     """(meta, state) of a checkpoint written by JaxTrainer."""
     payload = _load(path)
-    if not isinstance(payload, dict) or not CHECKPOINT_KEYS <= set(payload):
-        raise CheckpointError(f"{path} is not a jax_impl training checkpoint (expected keys "
-                              f"{sorted(CHECKPOINT_KEYS)}); it was not modified.")
-    meta = json.loads(payload["meta"])
-    if meta.get("framework") != "jax":
-        raise CheckpointError(f"{path} was written by {meta.get('framework')!r}, not by jax_impl.")
-    return meta, payload
+    return checkpoint_meta(payload, path, "jax", "jax_impl", CHECKPOINT_KEYS), payload
 
 
 def read_weights(path: Path) -> dict:

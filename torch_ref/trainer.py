@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from common.batching import EpochPlan, train_batches
+from common.checkpoints import checkpoint_meta, unreadable
 from common.errors import CheckpointError, UserFacingError
 from common.progress import EpochProgress
 from common.recipes import Recipe
@@ -167,22 +168,13 @@ def _load(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(
-            f"{path} cannot be read as a PyTorch checkpoint ({type(error).__name__}: {error}). It may "
-            "be truncated or not a file of this project; it was not modified."
-        ) from error
+        raise unreadable(path, "PyTorch", error) from error
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict]:
     """(meta, state) of a checkpoint written by TorchTrainer."""
     state = _load(path)
-    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
-        raise CheckpointError(f"{path} is not a torch_ref training checkpoint (expected keys "
-                              f"{sorted(CHECKPOINT_KEYS)}); it was not modified.")
-    meta = json.loads(state["meta"])
-    if meta.get("framework") != "torch":
-        raise CheckpointError(f"{path} was written by {meta.get('framework')!r}, not by torch_ref.")
-    return meta, state
+    return checkpoint_meta(state, path, "torch", "torch_ref", CHECKPOINT_KEYS), state
 
 
 def read_weights(path: Path) -> dict:
