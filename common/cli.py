@@ -22,7 +22,9 @@ DRY_RUN_TEST_IMAGES = 1000
 
 def build_parser(framework: str, module: str) -> argparse.ArgumentParser:
     """The trainer's parser; only the program name and the framework's name differ."""
-    recipes = ", ".join(f"{name} ({recipe.epochs} epochs, batch {recipe.batch_size}, lr {recipe.lr})"
+    recipes = ", ".join(f"{name} ({recipe.epochs} epochs, batch {recipe.batch_size}, "
+                        f"{'OneCycle to lr' if recipe.schedule.kind == 'onecycle' else 'StepLR from lr'} {recipe.lr}, "
+                        f"dropout {recipe.dropout})"
                         for name, recipe in RECIPES.items())
     parser = argparse.ArgumentParser(
         prog=f"python -m {module}",
@@ -47,8 +49,8 @@ def build_parser(framework: str, module: str) -> argparse.ArgumentParser:
                         help="SGD momentum in [0, 1) (default: the recipe's)")
     parser.add_argument("--seeds", type=_seed_list, default=None, metavar="S,S,...",
                         help="train several seeds and write a summary; each run goes to <out>/seed<S> (JAX: "
-                             "all seeds in one compiled program, vmapped over the training state; PyTorch: "
-                             "one after another)")
+                             "all seeds in one compiled program, vmapped over the stacked training states, or "
+                             "seed by seed within it on CPU; PyTorch: one after another)")
     parser.add_argument("--validation", action="store_true",
                         help=f"train on the first 55,000 training images and evaluate on the last "
                              f"{VALIDATION_SIZE:,} instead of the test set (to choose recipes honestly)")

@@ -107,7 +107,8 @@ class JaxTrainer:
 
 class JaxSeedGroup:
     """Several seeds trained in one compiled program: their states stacked on a leading axis
-    and every step vmapped over it. Seed k starts from the weights and dropout key a single run
+    and every training step vmapped over it (on CPU applied seed by seed instead, see
+    `epochs.seed_by_seed`). Seed k starts from the weights and dropout key a single run
     of seed k would, and sees that run's batches, so it follows the same trajectory."""
 
     def __init__(self, config: TrainerConfig, seeds: list[int]):
@@ -124,7 +125,7 @@ class JaxSeedGroup:
     def describe(self) -> dict[str, Any]:
         return {"framework": "JAX", "version": jax.__version__, "flax": flax.__version__,
                 "optax": optax.__version__, "device": str(self.device), "epoch": self.epoch_runner.name,
-                "threads": len(os.sched_getaffinity(0)), "vmapped seeds": len(self.seeds)}
+                "threads": len(os.sched_getaffinity(0)), "seeds in one program": len(self.seeds)}
 
     def learning_rate(self) -> float:
         return float(self.schedule(int(self.state.step[0])))
