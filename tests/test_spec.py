@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from common.errors import UserFacingError
-from common.recipes import RECIPES, SEED, get_recipe, recipe_from_dict
+from common.recipes import BEST, DEFAULT_RECIPE, RECIPES, SEED, get_recipe, recipe_from_dict
 from common.spec import LAYER_TABLE, TOTAL_PARAMS, format_layer_table
 from tests.conftest import REPO_ROOT
 
@@ -47,6 +47,11 @@ def test_overrides_replace_only_given_fields():
     assert changed.lr == 0.1 and changed.epochs == SEED.epochs
 
 
+def test_best_recipe_keeps_the_model_and_is_the_default():
+    """Issue 6's rules: the same 15 epochs and both dropout layers kept (a rate above 0)."""
+    assert DEFAULT_RECIPE == "best" and BEST.epochs == SEED.epochs and 0 < BEST.dropout < 1
+
+
 def test_unknown_recipe_lists_known_ones():
-    with pytest.raises(UserFacingError, match="choose one of: seed"):
+    with pytest.raises(UserFacingError, match="choose one of: best, seed"):
         get_recipe("nope")

@@ -12,7 +12,7 @@ from common.cli import build_parser
 from common.errors import CheckpointError, TrainingDivergedError
 from common.metrics import read_metrics
 from common.progress import EpochProgress
-from common.recipes import SEED
+from common.recipes import BEST, SEED
 from common.training import TrainerConfig, main
 from torch_ref.train import FRAMEWORK
 from torch_ref.trainer import TorchTrainer, read_checkpoint
@@ -39,9 +39,11 @@ def test_dry_run_writes_every_artefact(dry_run):
     for record in history:
         values = dataclasses.asdict(record).values()
         assert all(np.isfinite(v) for v in values)
-        assert 0 <= record.test_accuracy <= 100 and record.lr == 0.04
+        assert 0 <= record.test_accuracy <= 100
+    # The default recipe's OneCycle starts at lr / div_factor and warms up from there.
+    assert history[0].lr == pytest.approx(BEST.lr / BEST.schedule.div_factor) and history[1].lr > history[0].lr
     config = json.loads((dry_run / "config.json").read_text())
-    assert config["recipe"]["name"] == "seed" and config["seed"] == 0 and config["dry_run"] is True
+    assert config["recipe"]["name"] == "best" and config["seed"] == 0 and config["dry_run"] is True
 
 
 def test_checkpoint_round_trip_gives_identical_predictions(dry_run, mnist):
@@ -87,7 +89,7 @@ def test_resume_continues_exactly_where_an_interrupted_run_stopped(tmp_path, mni
 
 def test_resume_refuses_a_different_recipe(dry_run, mnist_dir, capsys):
     assert train(["--resume", str(dry_run), "--lr", "0.1"], mnist_dir) == 2
-    assert "--lr 0.1 (checkpoint: 0.04)" in capsys.readouterr().err
+    assert "--lr 0.1 (checkpoint: 0.2)" in capsys.readouterr().err
 
 
 def test_existing_checkpoint_is_never_overwritten(dry_run, mnist_dir, capsys):

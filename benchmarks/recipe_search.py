@@ -1,0 +1,116 @@
+"""Recipe search on the validation split: train candidates, then tabulate what was tried.
+
+    python benchmarks/recipe_search.py run NAME [--seed S] [--framework jax|torch] [--data-dir DIR]
+    python benchmarks/recipe_search.py report [--root runs/search]
+
+Every candidate trains on the first 55,000 training images and is scored on the last 5,000
+(`--validation`); the test set is never looked at while choosing. Candidates are the seed recipe
+with some fields replaced, listed in CANDIDATES in the order they were tried; `report` prints
+the Markdown table kept in docs/recipe_search.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from common.metrics import read_metrics  # noqa: E402
+from common.recipes import SEED, Augmentation, OneCycleSchedule  # noqa: E402
+
+ONE_CYCLE = OneCycleSchedule(pct_start=0.3, div_factor=10.0, final_div_factor=100.0)
+
+# name -> (what changes, in words; the fields replaced)
+CANDIDATES: dict[str, tuple[str, dict]] = {
+    "seed": ("the original recipe", {}),
+    "onecycle": ("OneCycle (peak 0.1), batch 128, dropout 0.05, rotation 10",
+                 {"schedule": ONE_CYCLE, "lr": 0.1, "batch_size": 128, "dropout": 0.05,
+                  "augmentation": Augmentation(crop_prob=0.1, crop_size=22, max_rotation=10.0)}),
+    "light": ("onecycle with lighter regularisation: dropout 0.02, rotation 7",
+              {"schedule": ONE_CYCLE, "lr": 0.1, "batch_size": 128, "dropout": 0.02,
+               "augmentation": Augmentation(crop_prob=0.1, crop_size=22, max_rotation=7.0)}),
+    "bs64": ("onecycle at batch 64 (twice the steps)",
+             {"schedule": ONE_CYCLE, "lr": 0.1, "batch_size": 64, "dropout": 0.05,
+              "augmentation": Augmentation(crop_prob=0.1, crop_size=22, max_rotation=10.0)}),
+    "light-peak0.2": ("light with a OneCycle peak of 0.2",
+                      {"schedule": ONE_CYCLE, "lr": 0.2, "batch_size": 128, "dropout": 0.02,
+                       "augmentation": Augmentation(crop_prob=0.1, crop_size=22, max_rotation=7.0)}),
+    "lighter": ("light with no crop and rotation 5",
+                {"schedule": ONE_CYCLE, "lr": 0.1, "batch_size": 128, "dropout": 0.02,
+                 "augmentation": Augmentation(crop_prob=0.0, crop_size=22, max_rotation=5.0)}),
+    "lighter-peak0.2": ("lighter with a OneCycle peak of 0.2",
+                        {"schedule": ONE_CYCLE, "lr": 0.2, "batch_size": 128, "dropout": 0.02,
+                         "augmentation": Augmentation(crop_prob=0.0, crop_size=22, max_rotation=5.0)}),
+    "lighter-peak0.2-nesterov": ("lighter-peak0.2 with Nesterov momentum",
+                                 {"schedule": ONE_CYCLE, "lr": 0.2, "batch_size": 128, "dropout": 0.02,
+                                  "nesterov": True,
+                                  "augmentation": Augmentation(crop_prob=0.0, crop_size=22, max_rotation=5.0)}),
+}
+
+
+def recipe_for(name: str):
+    _, fields = CANDIDATES[name]
+    return SEED.with_overrides(name=f"search-{name}", **fields)
+
+
+def run(args: argparse.Namespace) -> None:
+    from common.mnist import resolve_data_dir
+    from common.training import RunSettings, train
+
+    if args.framework == "jax":
+        from jax_impl.train import FRAMEWORK, enable_compilation_cache
+
+        enable_compilation_cache()
+    else:
+        from torch_ref.train import FRAMEWORK
+    out = Path(args.root) / f"{args.name}-{args.framework}-seed{args.seed}"
+    settings = RunSettings(recipe=recipe_for(args.name), seed=args.seed, test_batch_size=1000,
+                           data_dir=resolve_data_dir(args.data_dir), out=out, dry_run=False, validation=True,
+                           device="cpu", threads=None, save_model=False)
+    train(FRAMEWORK, [settings])
+
+
+def report(args: argparse.Namespace) -> None:
+    rows = ["| candidate | change from the seed recipe | validation accuracy after epoch 15, % (run) "
+            "| mean accuracy | mean loss |",
+            "|---|---|---|---:|---:|"]
+    for name, (words, _) in CANDIDATES.items():
+        finals = []
+        for framework in ("jax", "torch"):
+            for run_dir in sorted(Path(args.root).glob(f"{name}-{framework}-seed*")):
+                if not (run_dir / "metrics.jsonl").exists():
+                    continue  # still compiling its first epoch
+                history = read_metrics(run_dir / "metrics.jsonl")
+                config = json.loads((run_dir / "config.json").read_text())
+                if len(history) == config["recipe"]["epochs"]:
+                    finals.append((run_dir.name.removeprefix(f"{name}-"), history[-1]))
+        if finals:
+            listed = ", ".join(f"{last.test_accuracy:.2f} ({label})" for label, last in finals)
+            accuracy = statistics.mean(last.test_accuracy for _, last in finals)
+            loss = statistics.mean(last.test_loss for _, last in finals)
+            rows.append(f"| {name} | {words} | {listed} | {accuracy:.2f} | {loss:.4f} |")
+    print("\n".join(rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="train one candidate on the validation split")
+    run_parser.add_argument("name", choices=sorted(CANDIDATES))
+    run_parser.add_argument("--seed", type=int, default=0)
+    run_parser.add_argument("--framework", choices=("jax", "torch"), default="jax")
+    run_parser.add_argument("--data-dir", default=None)
+    run_parser.add_argument("--root", default="runs/search")
+    report_parser = commands.add_parser("report", help="print the table of finished candidates")
+    report_parser.add_argument("--root", default="runs/search")
+    args = parser.parse_args()
+    run(args) if args.command == "run" else report(args)
+
+
+if __name__ == "__main__":
+    main()
