@@ -35,6 +35,30 @@ def plot_curves(history: list[EpochRecord], path: Path, title: str) -> None:
     _save(figure, path)
 
 
+def plot_runs(histories: list[list[EpochRecord]], labels: list[str], path: Path, title: str) -> None:
+    """Test accuracy and loss of several runs against epoch, one line each and one colour per
+    framework (the first word of the label), so seeds and frameworks can be compared at once."""
+    frameworks = sorted({label.split()[0] for label in labels})
+    colours = {name: f"C{index}" for index, name in enumerate(frameworks)}
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for history, label in zip(histories, labels, strict=True):
+        epochs = [record.epoch for record in history]
+        style = {"color": colours[label.split()[0]], "alpha": 0.8, "marker": ".", "label": label}
+        axes[0].plot(epochs, [r.test_accuracy for r in history], **style)
+        axes[1].plot(epochs, [r.test_loss for r in history], **style)
+    lowest = min(min(r.test_accuracy for r in h[len(h) // 3:]) for h in histories)
+    axes[0].set_ylim(max(lowest - 0.2, 90.0), 100.0)  # the last two thirds of training, in detail
+    for axis, name in zip(axes, ("Test Accuracy (%)", "Test Loss"), strict=True):
+        axis.set_title(name)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[1].legend(fontsize=8, ncol=2)
+    figure.suptitle(title)
+    figure.tight_layout()
+    _save(figure, path)
+
+
 def plot_digits(pixels: np.ndarray, captions: list[str], path: Path, title: str) -> None:
     """A grid of uint8 digit images (N, 28, 28), each with its caption."""
     count = len(pixels)

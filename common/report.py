@@ -4,7 +4,8 @@
 
 prints per-epoch test accuracy side by side, then one line per run (final accuracy, median
 seconds per training epoch after the first, compile seconds) and the mean, standard
-deviation and minimum of the final accuracies.
+deviation and minimum of the final accuracies. `--plot FILE.png` also draws every run's test
+accuracy and loss against epoch into one figure.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import statistics
 from pathlib import Path
 
 from common.metrics import EpochRecord, read_metrics
+from common.plots import plot_runs
 
 
 def run_label(run_dir: Path) -> str:
@@ -53,7 +55,13 @@ def _steady_epoch_seconds(history: list[EpochRecord]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Markdown tables of finished runs.")
     parser.add_argument("run_dirs", nargs="+", type=Path, help="run directories (with metrics.jsonl)")
-    print(markdown_report(parser.parse_args().run_dirs))
+    parser.add_argument("--plot", type=Path, metavar="FILE.png", help="also plot the runs' test curves here")
+    parser.add_argument("--title", default="test curves", help="title of the plot")
+    args = parser.parse_args()
+    print(markdown_report(args.run_dirs))
+    if args.plot:
+        histories = [read_metrics(d / "metrics.jsonl") for d in args.run_dirs]
+        plot_runs(histories, [run_label(d) for d in args.run_dirs], args.plot, args.title)
 
 
 if __name__ == "__main__":
