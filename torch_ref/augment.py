@@ -14,7 +14,8 @@ from common.transforms import NORMALIZE_TABLE, PIXELS, WEIGHT_BITS, crop_resize_
 
 def resize_crop(images: torch.Tensor, crop_size: int) -> torch.Tensor:
     """CenterCrop + bilinear resize of uint8 images (N, 28, 28), as the core computes it."""
-    index, weight = (torch.as_tensor(t, device=images.device) for t in crop_resize_taps(crop_size))
+    # The taps are cached read-only arrays; torch.tensor copies, so no tensor aliases them.
+    index, weight = (torch.tensor(t, device=images.device) for t in crop_resize_taps(crop_size))
     count, height, width = images.shape
     gathered = images.reshape(count, PIXELS)[:, index.long()].int()
     rounded = ((gathered * weight).sum(-1) + (1 << (WEIGHT_BITS - 1))) >> WEIGHT_BITS

@@ -112,8 +112,9 @@ class TorchTrainer:
         """MNIST kept on the GPU as uint8 and augmented there (torch_ref.augment, bit-identical to
         the core), so that only the epoch's draws cross the bus."""
         if self._resident is None or self._resident[0] is not images:
-            self._resident = (images, torch.as_tensor(images, device=self.device),
-                              torch.as_tensor(labels, dtype=torch.int64, device=self.device))
+            # torch.tensor copies: the loaded MNIST arrays are read-only, a tensor must not alias them.
+            self._resident = (images, torch.tensor(images, device=self.device),
+                              torch.tensor(labels, dtype=torch.int64, device=self.device))
         _, device_images, device_labels = self._resident
         order = torch.as_tensor(plan.order, device=self.device)
         crop = torch.as_tensor(plan.crop, device=self.device)

@@ -32,7 +32,7 @@ def torch_gradients(model, images, labels, masks):
     with torch_masks(model, masks):
         loss = F.nll_loss(model(images), labels)
     loss.backward()
-    return float(loss), {name: p.grad.detach().numpy() for name, p in model.named_parameters()}
+    return loss.item(), {name: p.grad.detach().numpy() for name, p in model.named_parameters()}
 
 
 def flax_gradients(variables, images, labels, masks, compiled):
