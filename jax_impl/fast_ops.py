@@ -11,6 +11,8 @@ Measured on the 2-core development machine, batch 256, forward + backward (READM
 - convolution weight gradients: XLA:CPU computes the kernel gradient of conv2 over a batch of
   256 in 35 ms; summed over chunks of 16 images it takes 4.5 ms. The forward pass and the
   input gradient are left to XLA. Only the order of the sum over examples changes.
+- convolution of the single-channel input (conv1): nine shifted multiply-adds fused into
+  one pass instead of XLA:CPU's convolution, several times faster (see `shifted_sum_conv`).
 - dropout masks: jax.random's Threefry runs its 20 rounds in a rolled loop on CPU, which XLA
   cannot fuse: 6.2 ms for the first dropout layer's mask and multiply. The same Threefry-2x32
   hash written out in `threefry2x32` fuses with the comparison and the multiply: 1.7 ms.
@@ -52,10 +54,10 @@ def make_chunked_weight_grad_conv(chunk: int):
 
     @jax.custom_vjp
     def conv(x, kernel):
-        return conv_valid(x, kernel)
+        return _forward_conv(x, kernel)
 
     def forward(x, kernel):
-        return conv_valid(x, kernel), (x, kernel)
+        return _forward_conv(x, kernel), (x, kernel)
 
     def backward(residuals, grad_out):
         x, kernel = residuals
@@ -80,6 +82,23 @@ def make_chunked_weight_grad_conv(chunk: int):
         return conv(lhs, rhs)
 
     return conv_general_dilated
+
+
+def _forward_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    if kernel.shape[2] == 1:
+        return shifted_sum_conv(x, kernel)
+    return conv_valid(x, kernel)
+
+
+def shifted_sum_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`conv_valid` for one input channel as a sum of shifted copies of the input scaled by the
+    kernel's taps: one fused elementwise pass, where XLA:CPU's convolution of a single channel
+    runs at a few GFLOP/s (conv1, batch 512: 9.6 ms -> 0.7 ms). Only the order of the 9-term
+    sum differs from the convolution."""
+    height, width = x.shape[1] - kernel.shape[0] + 1, x.shape[2] - kernel.shape[1] + 1
+    terms = [x[:, i:i + height, j:j + width, :] * kernel[i, j, 0]
+             for i in range(kernel.shape[0]) for j in range(kernel.shape[1])]
+    return sum(terms[1:], start=terms[0])
 
 
 @jax.custom_vjp

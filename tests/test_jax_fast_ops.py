@@ -62,6 +62,21 @@ def test_chunked_weight_gradient_conv_equals_xla(float64, batch):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_single_channel_conv_as_shifted_sums_equals_xla(float64):
+    """conv1's path: one input channel goes through shifted_sum_conv, forward and backward."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(20, 28, 28, 1)))
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 8)))
+    grad_out = jnp.asarray(rng.normal(size=(20, 26, 26, 8)))
+    chunked = make_chunked_weight_grad_conv(16)
+    ours, our_vjp = jax.vjp(lambda a, k: chunked(a, k, (1, 1), "VALID"), x, kernel)
+    theirs, their_vjp = jax.vjp(conv_valid, x, kernel)
+    # float64, and only the order of the 9-term sum differs: agreement to a few ulps.
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+    for a, b in zip(our_vjp(grad_out), their_vjp(grad_out), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_chunked_conv_refuses_what_it_does_not_implement():
     conv = make_chunked_weight_grad_conv(16)
     with pytest.raises(NotImplementedError):
