@@ -61,7 +61,8 @@ class Variant:
     name: str
     framework: str
     build: Callable[[TrainerConfig], object]
-    note: str = ""
+    # torch.compile compiles inside the first call, so its compile time is that call's overhead.
+    compiles_on_first_use: bool = False
 
 
 def torch_eager(config: TrainerConfig) -> TorchTrainer:
@@ -97,7 +98,7 @@ def variants(quick: bool) -> list[Variant]:
     if quick:
         pass  # torch.compile takes minutes to compile here: full runs only
     elif shutil.which(os.environ.get("CXX", "g++")) or shutil.which("cc"):
-        found.append(Variant("torch.compile", "torch", torch_compiled))
+        found.append(Variant("torch.compile", "torch", torch_compiled, compiles_on_first_use=True))
     found += [Variant("JAX jitted-step loop", "jax", jax_loop), Variant("JAX lax.scan epoch", "jax", jax_scan)]
     return found
 
@@ -433,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
                      "round_seconds": measured.seconds, "images_per_round": measured.images,
                      "eval_images_per_second": measured.eval_images_per_second,
                      "first_step_overhead_seconds": measured.first_step_overhead,
-                     "compile_seconds": measured.compile_seconds,
+                     "compile_seconds": (measured.first_step_overhead if variant.compiles_on_first_use
+                                         else measured.compile_seconds),
                      "achieved_gflops": measured.images_per_second * flops_per_image / 1e9}
             entry["percent_of_sgemm_peak"] = 100 * entry["achieved_gflops"] / sgemm["peak"]
             if variant.name != BASELINE:
