@@ -1,6 +1,6 @@
-"""Two layers expressed so that XLA:CPU runs their backward pass fast, with unchanged maths.
+"""Layers expressed so that XLA:CPU runs them fast, with unchanged maths (up to summation order).
 
-Measured on the 2-core development machine, batch 256, forward + backward (README, "Speed"):
+Measured on the 2-core development machine, batch 256, forward + backward:
 
 - 2x2 max pooling: Flax's `nn.max_pool` differentiates through XLA's select-and-scatter,
   34 ms for the first pooling layer; a reshape-max forward that keeps the index of each
