@@ -25,31 +25,22 @@ from common.recipes import SEED, Augmentation, OneCycleSchedule  # noqa: E402
 
 ONE_CYCLE = OneCycleSchedule(pct_start=0.3, div_factor=10.0, final_div_factor=100.0)
 
+# Each candidate is named after the one it modifies, and written as that one's fields plus the change.
+ONECYCLE = {"schedule": ONE_CYCLE, "lr": 0.1, "batch_size": 128, "dropout": 0.05,
+            "augmentation": Augmentation(crop_prob=0.1, crop_size=22, max_rotation=10.0)}
+LIGHT = {**ONECYCLE, "dropout": 0.02, "augmentation": Augmentation(crop_prob=0.1, crop_size=22, max_rotation=7.0)}
+LIGHTER = {**LIGHT, "augmentation": Augmentation(crop_prob=0.0, crop_size=22, max_rotation=5.0)}
+
 # name -> (what changes, in words; the fields replaced)
 CANDIDATES: dict[str, tuple[str, dict]] = {
     "seed": ("the original recipe", {}),
-    "onecycle": ("OneCycle (peak 0.1), batch 128, dropout 0.05, rotation 10",
-                 {"schedule": ONE_CYCLE, "lr": 0.1, "batch_size": 128, "dropout": 0.05,
-                  "augmentation": Augmentation(crop_prob=0.1, crop_size=22, max_rotation=10.0)}),
-    "light": ("onecycle with lighter regularisation: dropout 0.02, rotation 7",
-              {"schedule": ONE_CYCLE, "lr": 0.1, "batch_size": 128, "dropout": 0.02,
-               "augmentation": Augmentation(crop_prob=0.1, crop_size=22, max_rotation=7.0)}),
-    "bs64": ("onecycle at batch 64 (twice the steps)",
-             {"schedule": ONE_CYCLE, "lr": 0.1, "batch_size": 64, "dropout": 0.05,
-              "augmentation": Augmentation(crop_prob=0.1, crop_size=22, max_rotation=10.0)}),
-    "light-peak0.2": ("light with a OneCycle peak of 0.2",
-                      {"schedule": ONE_CYCLE, "lr": 0.2, "batch_size": 128, "dropout": 0.02,
-                       "augmentation": Augmentation(crop_prob=0.1, crop_size=22, max_rotation=7.0)}),
-    "lighter": ("light with no crop and rotation 5",
-                {"schedule": ONE_CYCLE, "lr": 0.1, "batch_size": 128, "dropout": 0.02,
-                 "augmentation": Augmentation(crop_prob=0.0, crop_size=22, max_rotation=5.0)}),
-    "lighter-peak0.2": ("lighter with a OneCycle peak of 0.2",
-                        {"schedule": ONE_CYCLE, "lr": 0.2, "batch_size": 128, "dropout": 0.02,
-                         "augmentation": Augmentation(crop_prob=0.0, crop_size=22, max_rotation=5.0)}),
-    "lighter-peak0.2-nesterov": ("lighter-peak0.2 with Nesterov momentum",
-                                 {"schedule": ONE_CYCLE, "lr": 0.2, "batch_size": 128, "dropout": 0.02,
-                                  "nesterov": True,
-                                  "augmentation": Augmentation(crop_prob=0.0, crop_size=22, max_rotation=5.0)}),
+    "onecycle": ("OneCycle (peak 0.1), batch 128, dropout 0.05, rotation 10", ONECYCLE),
+    "light": ("onecycle with lighter regularisation: dropout 0.02, rotation 7", LIGHT),
+    "bs64": ("onecycle at batch 64 (twice the steps)", {**ONECYCLE, "batch_size": 64}),
+    "light-peak0.2": ("light with a OneCycle peak of 0.2", {**LIGHT, "lr": 0.2}),
+    "lighter": ("light with no crop and rotation 5", LIGHTER),
+    "lighter-peak0.2": ("lighter with a OneCycle peak of 0.2", {**LIGHTER, "lr": 0.2}),
+    "lighter-peak0.2-nesterov": ("lighter-peak0.2 with Nesterov momentum", {**LIGHTER, "lr": 0.2, "nesterov": True}),
 }
 
 
