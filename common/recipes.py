@@ -65,6 +65,9 @@ class Recipe:
     nesterov: bool = False
     weight_decay: float = 0.0
     dropout: float = 0.15
+    # Torch's cross_entropy(label_smoothing=...): the target keeps 1 - label_smoothing on the true
+    # class and spreads label_smoothing evenly over all ten.
+    label_smoothing: float = 0.0
 
     def with_overrides(self, **overrides: object) -> Recipe:
         """A copy with the given fields replaced; `None` values keep the recipe's own."""

@@ -12,6 +12,7 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
+from flax import struct
 from flax.training import train_state
 
 from common.recipes import Recipe
@@ -21,9 +22,12 @@ from jax_impl.schedules import make_optimizer
 
 
 class TrainState(train_state.TrainState):
-    """Flax's TrainState (step, params, optimiser state, apply_fn, tx) plus BatchNorm statistics."""
+    """Flax's TrainState (step, params, optimiser state, apply_fn, tx) plus BatchNorm statistics
+    and the recipe's label smoothing, a static field (like apply_fn) so the step that reads it
+    stays a function of the state alone."""
 
     batch_stats: Any
+    label_smoothing: float = struct.field(pytree_node=False, default=0.0)
 
 
 def create_train_state(
@@ -37,12 +41,18 @@ def create_train_state(
         params=variables["params"],
         batch_stats=variables["batch_stats"],
         tx=make_optimizer(recipe, steps_per_epoch),
+        label_smoothing=recipe.label_smoothing,
     )
 
 
-def nll_loss(log_probs: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean negative log-likelihood, as torch.nn.functional.nll_loss."""
-    return -jnp.take_along_axis(log_probs, labels[:, None], axis=1).mean()
+def nll_loss(log_probs: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Mean negative log-likelihood, as torch.nn.functional.nll_loss; with label smoothing, as
+    torch's cross_entropy(label_smoothing=...): a weight 1 - label_smoothing on the true class's
+    term and label_smoothing on the mean of all ten log-probabilities."""
+    nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=1).mean()
+    if not label_smoothing:
+        return nll
+    return (1 - label_smoothing) * nll - label_smoothing * log_probs.mean()
 
 
 def _check_batch(images: jax.Array, labels: jax.Array) -> None:
@@ -72,7 +82,7 @@ def train_step(
             {"params": params, "batch_stats": state.batch_stats}, images, train=True,
             rngs={"dropout": step_key}, mutable=["batch_stats"],
         )
-        return nll_loss(log_probs, labels), (log_probs, updates["batch_stats"])
+        return nll_loss(log_probs, labels, state.label_smoothing), (log_probs, updates["batch_stats"])
 
     (loss, (log_probs, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)

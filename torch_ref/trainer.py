@@ -58,6 +58,15 @@ def to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(images).unsqueeze(1).to(device)
 
 
+def training_loss(log_probs: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """The model returns log-probabilities, so the loss is NLL; with label smoothing it is
+    cross_entropy, which takes logits but is unchanged by them being log-probabilities already
+    (log_softmax of a log_softmax is the same log_softmax)."""
+    if label_smoothing:
+        return F.cross_entropy(log_probs, targets, label_smoothing=label_smoothing)
+    return F.nll_loss(log_probs, targets)
+
+
 class TorchTrainer:
     """Model, optimiser and scheduler of one run, seeded by `seed`."""
 
@@ -74,6 +83,7 @@ class TorchTrainer:
         )
         self.scheduler = make_scheduler(self.optimizer, recipe, config.steps_per_epoch)
         self.step_per_batch = recipe.schedule.per_step
+        self.label_smoothing = recipe.label_smoothing
         self._resident: tuple[np.ndarray, torch.Tensor, torch.Tensor] | None = None
 
     def describe(self) -> dict[str, Any]:
@@ -93,7 +103,7 @@ class TorchTrainer:
         for inputs, targets in batches:
             self.optimizer.zero_grad(set_to_none=True)
             log_probs = self.model(inputs)
-            loss = F.nll_loss(log_probs, targets)
+            loss = training_loss(log_probs, targets, self.label_smoothing)
             loss.backward()
             self.optimizer.step()
             if self.step_per_batch:

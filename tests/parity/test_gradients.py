@@ -8,6 +8,7 @@ float32 (BatchNorm's backward subtracts nearly equal sums). Measured for three w
 PyTorch float32 vs the float64 gradient 1.1e-4, JAX float32 vs float64 3.5e-5, JAX vs PyTorch
 in float32 0.9-1.1e-4. Two results each ~1e-4 from the truth can be 2e-4 apart; 1e-3 bounds
 that with a factor 5 to spare.
+With label smoothing the loss gains a term in every log-probability; the same bounds hold.
 """
 
 from __future__ import annotations
@@ -17,28 +18,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from jax_impl.convert import flax_to_torch
 from jax_impl.steps import nll_loss
 from tests.parity.helpers import dropout_masks, flax_forward, flax_variables, nchw_to_nhwc, torch_model
+from torch_ref.trainer import training_loss
 
 
-def torch_gradients(model, images, labels, masks):
+def torch_gradients(model, images, labels, masks, label_smoothing):
     from tests.parity.helpers import torch_masks
 
     model.train()
     model.zero_grad()
     with torch_masks(model, masks):
-        loss = F.nll_loss(model(images), labels)
+        loss = training_loss(model(images), labels, label_smoothing)
     loss.backward()
     return loss.item(), {name: p.grad.detach().numpy() for name, p in model.named_parameters()}
 
 
-def flax_gradients(variables, images, labels, masks, compiled):
+def flax_gradients(variables, images, labels, masks, compiled, label_smoothing):
     def loss_fn(params):
         log_probs, _ = flax_forward({"params": params, "batch_stats": variables["batch_stats"]}, images, True, masks)
-        return nll_loss(log_probs, labels)
+        return nll_loss(log_probs, labels, label_smoothing)
 
     value_and_grad = jax.value_and_grad(loss_fn)
     if compiled:
@@ -51,7 +52,8 @@ def flax_gradients(variables, images, labels, masks, compiled):
 
 @pytest.mark.parametrize("dtype_name, relative", [("float32", 1e-3), ("float64", 1e-10)])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "jit"])
-def test_parameter_gradients_match(test_images, mnist, dtype_name, relative, compiled):
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1], ids=["nll", "smoothed"])
+def test_parameter_gradients_match(test_images, mnist, dtype_name, relative, compiled, label_smoothing):
     if dtype_name == "float64":
         jax.config.update("jax_enable_x64", True)
     try:
@@ -63,10 +65,10 @@ def test_parameter_gradients_match(test_images, mnist, dtype_name, relative, com
         labels = mnist.test_labels[:64].astype(np.int64)
         masks = dropout_masks(np.random.default_rng(3), 64)
         expected_loss, expected = torch_gradients(model, torch.as_tensor(images, dtype=torch_dtype),
-                                                  torch.as_tensor(labels), masks)
+                                                  torch.as_tensor(labels), masks, label_smoothing)
         nhwc_masks = {name: jnp.asarray(nchw_to_nhwc(mask)) for name, mask in masks.items()}
         loss, ours = flax_gradients(variables, jnp.asarray(nchw_to_nhwc(images), jax_dtype),
-                                    jnp.asarray(labels, jnp.int32), nhwc_masks, compiled)
+                                    jnp.asarray(labels, jnp.int32), nhwc_masks, compiled, label_smoothing)
     finally:
         jax.config.update("jax_enable_x64", False)
     assert loss == pytest.approx(expected_loss, rel=relative)
