@@ -32,6 +32,7 @@ class EpochPlan:
     order: np.ndarray  # (N,) dataset indices, in the order they are consumed
     crop: np.ndarray  # (N,) bool, crop-and-resize draw of each position
     angles: np.ndarray  # (N,) float64 degrees, rotation draw of each position
+    shifts: np.ndarray  # (N, 2) int64 pixels (across, down), translation draw of each position
     batch_size: int
     crop_size: int
 
@@ -43,17 +44,17 @@ class EpochPlan:
 
     def head(self, count: int) -> EpochPlan:
         """The first `count` positions only (for --dry-run)."""
-        return EpochPlan(self.order[:count], self.crop[:count], self.angles[:count],
+        return EpochPlan(self.order[:count], self.crop[:count], self.angles[:count], self.shifts[:count],
                          self.batch_size, self.crop_size)
+
+    def source_index(self, positions: slice = slice(None)) -> np.ndarray:
+        """Sampling coordinates of the rotation and shift at `positions` (see rotation_source_index)."""
+        return rotation_source_index(self.angles[positions], self.shifts[positions])
 
     def augmented_pixels(self, images: np.ndarray, positions: slice) -> np.ndarray:
         """The augmented uint8 images at `positions` of this epoch's order."""
-        return augment(
-            images[self.order[positions]],
-            self.crop[positions],
-            rotation_source_index(self.angles[positions]),
-            self.crop_size,
-        )
+        return augment(images[self.order[positions]], self.crop[positions], self.source_index(positions),
+                       self.crop_size)
 
 
 def plan_epoch(
@@ -62,8 +63,8 @@ def plan_epoch(
     """The shuffle and augmentation draws of `epoch` (1-based) for `seed`."""
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(num_examples)
-    crop, angles = draw_augmentation(rng, num_examples, augmentation)
-    return EpochPlan(order, crop, angles, batch_size, augmentation.crop_size)
+    crop, angles, shifts = draw_augmentation(rng, num_examples, augmentation)
+    return EpochPlan(order, crop, angles, shifts, batch_size, augmentation.crop_size)
 
 
 def train_batches(

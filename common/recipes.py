@@ -44,11 +44,14 @@ SCHEDULES = {"step": StepSchedule, "onecycle": OneCycleSchedule}
 class Augmentation:
     """The seed's train transforms: with probability `crop_prob` CenterCrop(`crop_size`) and a
     bilinear resize back to 28x28, then a rotation drawn uniformly from +-`max_rotation` degrees
-    (nearest neighbour, fill 0)."""
+    (nearest neighbour, fill 0). Beyond the seed: a shift by a whole number of pixels drawn
+    uniformly from [-max_translation, max_translation], independently across and down, applied
+    after the rotation as torchvision's RandomAffine orders them."""
 
     crop_prob: float = 0.1
     crop_size: int = 22
     max_rotation: float = 15.0
+    max_translation: int = 0
 
 
 @dataclass(frozen=True)

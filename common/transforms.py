@@ -5,10 +5,10 @@ uniformly from [-15, 15] degrees, nearest neighbour, fill 0; then ToTensor + Nor
 Test: ToTensor + Normalize.
 
 Augmentation is a pure function of (images, draws), built so that it is exact on any device:
-1. `draw_augmentation` draws a crop flag and an angle per image (the only randomness);
-2. `rotation_source_index` turns each angle into the sampling coordinates of the rotation: for
-   every output pixel, the flat index of the pixel it copies (`FILL_INDEX` for the fill). This
-   is the only floating-point step, and it always runs here, in float64;
+1. `draw_augmentation` draws a crop flag, an angle and a shift per image (the only randomness);
+2. `rotation_source_index` turns each angle and shift into the sampling coordinates of the
+   rotation: for every output pixel, the flat index of the pixel it copies (`FILL_INDEX` for
+   the fill). This is the only floating-point step, and it always runs here, in float64;
 3. `resize_crop` (fixed-point bilinear weights, int32 sums, rounded back to uint8 as PIL does
    for uint8 images) and `rotate` (a gather) use integers only, so a device-side copy of them
    gives bit-identical pixels from the same coordinates;
@@ -39,26 +39,36 @@ def normalize(images: np.ndarray) -> np.ndarray:
 
 def draw_augmentation(
     rng: np.random.Generator, count: int, augmentation: Augmentation
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per image: whether to crop-and-resize (bool) and the rotation angle in degrees (float64)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image: whether to crop-and-resize (bool), the rotation angle in degrees (float64) and
+    the shift (across, down) in pixels (int64, shape (count, 2)).
+
+    Shifts are drawn last, and only when the recipe translates, so recipes without translation
+    consume the generator exactly as the seed's transforms always have."""
     crop = rng.random(count) < augmentation.crop_prob
     angles = rng.uniform(-augmentation.max_rotation, augmentation.max_rotation, count)
-    return crop, angles
+    limit = augmentation.max_translation
+    shifts = rng.integers(-limit, limit, (count, 2), endpoint=True) if limit else np.zeros((count, 2), np.int64)
+    return crop, angles, shifts
 
 
-def rotation_source_index(angles: np.ndarray) -> np.ndarray:
+def rotation_source_index(angles: np.ndarray, shifts: np.ndarray | None = None) -> np.ndarray:
     """Sampling coordinates (N, 784) int32 of a nearest-neighbour rotation by `angles` degrees
-    (counter-clockwise): the flat source index of each output pixel, or FILL_INDEX outside.
+    (counter-clockwise) followed by a shift of `shifts` (N, 2) pixels (across, down; none if
+    omitted): the flat source index of each output pixel, or FILL_INDEX outside.
 
     Follows PIL's `Image.rotate(angle, NEAREST)`, which torchvision's RandomRotation calls: the
-    output pixel centre (x + 0.5, y + 0.5) is rotated back about the image centre (14, 14) and
-    the source pixel is its floor.
+    output pixel centre (x + 0.5, y + 0.5), moved back by the shift, is rotated back about the
+    image centre (14, 14) and the source pixel is its floor.
     """
     theta = np.deg2rad(np.asarray(angles, dtype=np.float64))[:, None]
     centre = IMAGE_SIZE / 2
     grid = np.arange(IMAGE_SIZE) + 0.5 - centre
     dx = np.tile(grid, IMAGE_SIZE)[None, :]
     dy = np.repeat(grid, IMAGE_SIZE)[None, :]
+    if shifts is not None:
+        dx = dx - shifts[:, :1]
+        dy = dy - shifts[:, 1:]
     cos, sin = np.cos(theta), np.sin(theta)
     src_x = np.floor(cos * dx - sin * dy + centre)
     src_y = np.floor(sin * dx + cos * dy + centre)

@@ -22,7 +22,6 @@ import numpy as np
 
 from common.batching import EpochPlan, train_batches
 from common.progress import EpochProgress
-from common.transforms import rotation_source_index
 from jax_impl import augment
 from jax_impl.steps import TrainState, train_step
 
@@ -141,7 +140,7 @@ class ScanEpoch:
                  labels: np.ndarray, progresses: list[EpochProgress]) -> TrainState:
         device_images, device_labels = self._on_device(images, labels)
         # The sampling coordinates are the core's (float64, on the host); int16 halves the copy.
-        draws = [(plan.order.astype(np.int32), plan.crop, rotation_source_index(plan.angles).astype(np.int16))
+        draws = [(plan.order.astype(np.int32), plan.crop, plan.source_index().astype(np.int16))
                  for plan in plans]
         plan = plans[0]  # all seeds share the sizes
         full = len(plan.order) // plan.batch_size * plan.batch_size

@@ -102,13 +102,43 @@ def test_augmented_values_stay_in_range(mnist):
 
 
 def test_crop_probability_and_angle_range():
-    crop, angles = draw_augmentation(np.random.default_rng(0), 200_000, Augmentation())
+    crop, angles, shifts = draw_augmentation(np.random.default_rng(0), 200_000, Augmentation())
+    assert not shifts.any()  # the seed's transforms do not translate
     # Binomial standard deviation sqrt(0.1 * 0.9 / 200000) = 0.00067; allow 5 of them.
     assert crop.mean() == pytest.approx(0.1, abs=5 * 0.00067)
     assert angles.min() >= -15 and angles.max() <= 15
     # Uniform on [-15, 15]: mean 0 (sd 15/sqrt(3)/sqrt(n) = 0.019), a quarter below -7.5.
     assert angles.mean() == pytest.approx(0, abs=5 * 0.019)
     assert (angles < -7.5).mean() == pytest.approx(0.25, abs=0.005)
+
+
+def test_translation_draws_come_last_and_cover_the_range():
+    seed_draws = draw_augmentation(np.random.default_rng(0), 10_000, Augmentation())
+    crop, angles, shifts = draw_augmentation(np.random.default_rng(0), 10_000, Augmentation(max_translation=2))
+    # Drawn after the crops and angles, so adding a translation leaves those draws unchanged.
+    np.testing.assert_array_equal(crop, seed_draws[0])
+    np.testing.assert_array_equal(angles, seed_draws[1])
+    assert shifts.shape == (10_000, 2)
+    assert set(np.unique(shifts)) == {-2, -1, 0, 1, 2}
+    # Across and down are drawn independently (each pair of the 25 appears about 400 times).
+    assert len({tuple(pair) for pair in shifts}) == 25
+
+
+def test_shift_without_rotation_moves_pixels_right_and_down_with_zero_fill():
+    shifts = np.array([[1, 2], [-3, 0]])
+    out = rotate(RANDOM_IMAGES[:2], rotation_source_index(np.zeros(2), shifts))
+    expected = np.zeros_like(out)
+    expected[0, 2:, 1:] = RANDOM_IMAGES[0, :-2, :-1]
+    expected[1, :, :-3] = RANDOM_IMAGES[1, :, 3:]
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_shift_follows_rotation_as_in_random_affine():
+    # Rotating by 90 degrees and then shifting is the shift of the rotated image.
+    shifts = np.array([[2, -1]])
+    out = rotate(RANDOM_IMAGES[:1], rotation_source_index(np.array([90.0]), shifts))
+    expected = rotate(np.rot90(RANDOM_IMAGES[:1], k=1, axes=(1, 2)).copy(), rotation_source_index(np.zeros(1), shifts))
+    np.testing.assert_array_equal(out, expected)
 
 
 def test_normalize_matches_to_tensor_then_normalize():

@@ -21,7 +21,6 @@ from common.errors import CheckpointError, UserFacingError
 from common.progress import EpochProgress
 from common.recipes import Recipe
 from common.training import TrainerConfig
-from common.transforms import rotation_source_index
 from torch_ref import augment
 from torch_ref.model import Net
 
@@ -128,7 +127,7 @@ class TorchTrainer:
         _, device_images, device_labels = self._resident
         order = torch.as_tensor(plan.order, device=self.device)
         crop = torch.as_tensor(plan.crop, device=self.device)
-        source_index = torch.as_tensor(rotation_source_index(plan.angles).astype(np.int16), device=self.device)
+        source_index = torch.as_tensor(plan.source_index().astype(np.int16), device=self.device)
         for positions in plan.batch_slices():
             pixels = augment.augment(device_images[order[positions]], crop[positions], source_index[positions],
                                      plan.crop_size)
