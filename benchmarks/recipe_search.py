@@ -24,11 +24,13 @@ from common.metrics import read_metrics  # noqa: E402
 from common.recipes import SEED, Augmentation, OneCycleSchedule  # noqa: E402
 
 ONE_CYCLE = OneCycleSchedule(pct_start=0.3, div_factor=10.0, final_div_factor=100.0)
+ONE_CYCLE_SHORT_WARM_UP = OneCycleSchedule(pct_start=0.15, div_factor=10.0, final_div_factor=100.0)
 
 # Each candidate is named after the one it modifies, and written as that one's fields plus the change.
 ONECYCLE = {"schedule": ONE_CYCLE, "lr": 0.1, "batch_size": 128, "dropout": 0.05,
             "augmentation": Augmentation(crop_prob=0.1, crop_size=22, max_rotation=10.0)}
 LIGHT = {**ONECYCLE, "dropout": 0.02, "augmentation": Augmentation(crop_prob=0.1, crop_size=22, max_rotation=7.0)}
+NODROP = {**LIGHT, "lr": 0.2, "dropout": 0.0}
 LIGHTER = {**LIGHT, "augmentation": Augmentation(crop_prob=0.0, crop_size=22, max_rotation=5.0)}
 
 # name -> (what changes, in words; the fields replaced)
@@ -41,6 +43,26 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
     "lighter": ("light with no crop and rotation 5", LIGHTER),
     "lighter-peak0.2": ("lighter with a OneCycle peak of 0.2", {**LIGHTER, "lr": 0.2}),
     "lighter-peak0.2-nesterov": ("lighter-peak0.2 with Nesterov momentum", {**LIGHTER, "lr": 0.2, "nesterov": True}),
+    "light-peak0.2-wd1e-4": ("light-peak0.2 with weight decay 1e-4", {**LIGHT, "lr": 0.2, "weight_decay": 1e-4}),
+    "light-peak0.2-nodrop": ("light-peak0.2 with dropout 0 (the layers stay, as identities)", NODROP),
+    "light-peak0.4": ("light with a OneCycle peak of 0.4", {**LIGHT, "lr": 0.4}),
+    "light-peak0.2-bs64": ("light-peak0.2 at batch 64 (twice the steps)", {**LIGHT, "lr": 0.2, "batch_size": 64}),
+    "peak0.2-noreg": ("light-peak0.2 with no augmentation and dropout 0: how far the model fits",
+                      {**LIGHT, "lr": 0.2, "dropout": 0.0,
+                       "augmentation": Augmentation(crop_prob=0.0, crop_size=22, max_rotation=0.0)}),
+    "nodrop-rot10": ("light-peak0.2-nodrop with rotation 10",
+                     {**NODROP, "augmentation": Augmentation(crop_prob=0.1, crop_size=22, max_rotation=10.0)}),
+    "nodrop-pct0.15": ("light-peak0.2-nodrop warming up over 15% of the steps instead of 30%",
+                       {**NODROP, "schedule": ONE_CYCLE_SHORT_WARM_UP}),
+    "light-mom0.95": ("light with momentum 0.95 (same lr / (1 - momentum) as light-peak0.2)",
+                      {**LIGHT, "momentum": 0.95}),
+    "light-peak0.2-ls0.05": ("light-peak0.2 with label smoothing 0.05", {**LIGHT, "lr": 0.2, "label_smoothing": 0.05}),
+    "light-peak0.2-shift1": ("light-peak0.2 with shifts of up to 1 pixel across and down",
+                             {**LIGHT, "lr": 0.2, "augmentation": Augmentation(crop_prob=0.1, crop_size=22,
+                                                                               max_rotation=7.0, max_translation=1)}),
+    "light-peak0.2-shift2": ("light-peak0.2 with shifts of up to 2 pixels across and down",
+                             {**LIGHT, "lr": 0.2, "augmentation": Augmentation(crop_prob=0.1, crop_size=22,
+                                                                               max_rotation=7.0, max_translation=2)}),
 }
 
 
