@@ -21,7 +21,6 @@ from common.recipes import BEST, SEED
 from common.training import TrainerConfig, main
 from common.transforms import augment as core_augment
 from common.transforms import normalize as core_normalize
-from common.transforms import rotation_source_index
 from jax_impl import augment
 from jax_impl.epochs import LoopEpoch, ScanEpoch
 from jax_impl.schedules import learning_rate_schedule
@@ -79,7 +78,7 @@ def test_device_augmentation_is_bit_identical_to_the_core(mnist):
     images = mnist.train_images[plan.order[positions]]
     # Force crops on half of the batch so both paths are exercised.
     crop = plan.crop[positions] | (np.arange(512) % 2 == 0)
-    source = rotation_source_index(plan.angles[positions])
+    source = plan.source_index(positions)
     expected = core_augment(images, crop, source, 22)
     device = jax.jit(augment.augment, static_argnums=3)(images, crop, source.astype(np.int16), 22)
     np.testing.assert_array_equal(np.asarray(device), expected)

@@ -156,14 +156,14 @@ def test_device_augmentation_is_bit_identical_to_the_core(mnist):
 
     from common.batching import plan_epoch
     from common.transforms import augment as core_augment
-    from common.transforms import normalize, rotation_source_index
+    from common.transforms import normalize
     from torch_ref import augment
 
     plan = plan_epoch(0, 1, len(mnist.train_labels), 512, SEED.augmentation)
     positions = slice(0, 512)
     images = mnist.train_images[plan.order[positions]]
     crop = plan.crop[positions] | (np.arange(512) % 2 == 0)  # both paths exercised
-    source = rotation_source_index(plan.angles[positions])
+    source = plan.source_index(positions)
     expected = core_augment(images, crop, source, 22)
     ours = augment.augment(torch.as_tensor(images), torch.as_tensor(crop), torch.as_tensor(source.astype(np.int16)), 22)
     np.testing.assert_array_equal(ours.numpy(), expected)

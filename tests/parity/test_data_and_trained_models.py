@@ -12,7 +12,7 @@ from common.evaluation import evaluate_file
 from common.progress import EpochProgress
 from common.recipes import SEED
 from common.training import TrainerConfig, main
-from common.transforms import normalize, rotation_source_index
+from common.transforms import normalize
 from jax_impl import augment
 from jax_impl.convert import convert_file
 from jax_impl.train import FRAMEWORK as JAX
@@ -48,7 +48,7 @@ def test_same_seed_feeds_identical_batches_to_both_trainers(mnist):
         np.testing.assert_array_equal(jax_labels, mnist.train_labels[plan.order[positions]])
         # The on-device (lax.scan) path computes the same pixels from the same draws.
         device_pixels = augment.augment(jax.numpy.asarray(mnist.train_images[plan.order[positions]]),
-                                        plan.crop[positions], rotation_source_index(plan.angles[positions]),
+                                        plan.crop[positions], plan.source_index(positions),
                                         plan.crop_size)
         np.testing.assert_array_equal(np.asarray(augment.normalize(device_pixels)), jax_batch[..., 0])
 
