@@ -14,6 +14,7 @@ Markdown tables.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -44,6 +45,7 @@ from common.mnist import Mnist, load_mnist  # noqa: E402
 from common.progress import EpochProgress  # noqa: E402
 from common.recipes import DEFAULT_RECIPE, get_recipe  # noqa: E402
 from common.spec import training_flops_per_image  # noqa: E402
+from common.system import usable_cpu_count  # noqa: E402
 from common.training import TrainerConfig  # noqa: E402
 from common.transforms import normalize  # noqa: E402
 from jax_impl.epochs import LoopEpoch, ScanEpoch  # noqa: E402
@@ -66,29 +68,30 @@ class Variant:
 
 
 def torch_eager(config: TrainerConfig) -> TorchTrainer:
-    return TorchTrainer(config)
+    return TorchTrainer(dataclasses.replace(config, ops="plain"))
 
 
 def torch_channels_last(config: TrainerConfig) -> TorchTrainer:
-    trainer = TorchTrainer(config)
-    trainer.model = trainer.model.to(memory_format=torch.channels_last)
-    return trainer
+    return TorchTrainer(dataclasses.replace(config, ops="fast"))
 
 
 def torch_compiled(config: TrainerConfig) -> TorchTrainer:
-    trainer = TorchTrainer(config)
+    trainer = TorchTrainer(dataclasses.replace(config, ops="plain"))
     trainer.model = torch.compile(trainer.model)
     return trainer
 
 
-def jax_loop(config: TrainerConfig) -> JaxTrainer:
-    trainer = JaxTrainer(config)
-    trainer.epoch_runner = LoopEpoch(trainer.device)
-    return trainer
+def jax_loop(ops: str) -> Callable[[TrainerConfig], JaxTrainer]:
+    def build(config: TrainerConfig) -> JaxTrainer:
+        trainer = JaxTrainer(dataclasses.replace(config, ops=ops))
+        trainer.epoch_runner = LoopEpoch(trainer.device)
+        return trainer
+
+    return build
 
 
 def jax_scan(config: TrainerConfig) -> JaxTrainer:
-    trainer = JaxTrainer(config)
+    trainer = JaxTrainer(config)  # the layers --ops auto picks for the device
     trainer.epoch_runner = ScanEpoch(trainer.device)
     return trainer
 
@@ -99,7 +102,9 @@ def variants(quick: bool) -> list[Variant]:
         pass  # torch.compile takes minutes to compile here: full runs only
     elif shutil.which(os.environ.get("CXX", "g++")) or shutil.which("cc"):
         found.append(Variant("torch.compile", "torch", torch_compiled, compiles_on_first_use=True))
-    found += [Variant("JAX jitted-step loop", "jax", jax_loop), Variant("JAX lax.scan epoch", "jax", jax_scan)]
+    found += [Variant("JAX step loop, fast layers", "jax", jax_loop("fast")),
+              Variant("JAX step loop, plain layers", "jax", jax_loop("plain")),
+              Variant("JAX lax.scan epoch", "jax", jax_scan)]
     return found
 
 
@@ -202,7 +207,7 @@ def xla_flops_per_image(batch_size: int, recipe) -> float | None:
     """XLA's own count of the compiled training step's FLOPs, per image (a cross-check)."""
     from jax_impl.steps import create_train_state, train_step
 
-    # Without dropout, so that the count is the network's (Threefry's integer ops would count).
+    # Plain layers without dropout, so that the count is the network's (random bits' integer ops would count).
     state = create_train_state(jax.random.key(0), recipe.with_overrides(dropout=0.0), 10)
     batch = (jax.ShapeDtypeStruct((batch_size, 28, 28, 1), np.float32), jax.ShapeDtypeStruct((batch_size,), np.int32))
     analysis = jax.jit(train_step).lower(state, batch, jax.random.key(0)).compile().cost_analysis()
@@ -245,8 +250,10 @@ def run_probe(args: argparse.Namespace) -> None:
 
 def _reset_peak_rss() -> None:
     """Start the high-water mark afresh, so that loading the data does not set the peak
-    (Linux: writing 5 to /proc/self/clear_refs resets VmHWM)."""
-    Path("/proc/self/clear_refs").write_text("5")
+    (Linux: writing 5 to /proc/self/clear_refs resets VmHWM; other systems report no memory)."""
+    clear_refs = Path("/proc/self/clear_refs")
+    if clear_refs.exists():
+        clear_refs.write_text("5")
 
 
 def _peak_rss_mb() -> float:
@@ -258,7 +265,8 @@ def _current_rss_mb() -> float:
 
 
 def _status_mb(field_name: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.exists() else []:
         if line.startswith(field_name + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
@@ -275,7 +283,7 @@ def machine() -> dict[str, object]:
     import flax
     import optax
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)), "gpu": gpu,
+    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable_cpu_count(), "gpu": gpu,
             "jax_devices": [str(d) for d in jax.devices()], "python": platform.python_version(),
             "numpy": np.__version__, "torch": torch.__version__, "jax": jax.__version__,
             "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else jax.__version__,

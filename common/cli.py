@@ -14,6 +14,7 @@ from common.mnist import DATA_DIR_ENV, DEFAULT_DATA_DIR, VALIDATION_SIZE
 from common.recipes import DEFAULT_RECIPE, RECIPES
 
 DEVICES = ("auto", "cpu", "gpu")
+OPS = ("auto", "plain", "fast")
 DEFAULT_TEST_BATCH_SIZE = 1000
 DRY_RUN_EPOCHS = 2
 DRY_RUN_TRAIN_BATCHES = 4
@@ -71,6 +72,11 @@ def build_parser(framework: str, module: str) -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="where to train: auto picks a GPU (or TPU, in JAX) when the framework "
                              "sees one, else the CPU (default: auto)")
+    parser.add_argument("--ops", choices=OPS, default="auto",
+                        help="how the layers are computed; same maths, same weights. plain: the model as "
+                             "written (Flax's and XLA's own layers; PyTorch's default NCHW layout). fast: JAX's "
+                             "CPU-tuned layers (jax_impl/fast_layers.py), PyTorch's channels_last. auto: fast "
+                             "where it was measured faster, i.e. JAX on CPU; plain otherwise (default: auto)")
     parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                         help="CPU threads the framework may use (default: the framework's choice)")
     parser.add_argument("--save-model", action="store_true",

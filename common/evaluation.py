@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.cli import DEFAULT_TEST_BATCH_SIZE, DEVICES
+from common.cli import DEFAULT_TEST_BATCH_SIZE, DEVICES, OPS
 from common.errors import UserFacingError
 from common.metrics import Evaluation, evaluate_log_probs
 from common.mnist import load_mnist
@@ -21,11 +21,12 @@ from common.transforms import normalize
 
 
 def evaluate_file(framework: Framework, path: Path, data_dir: str | None = None,
-                  batch_size: int = DEFAULT_TEST_BATCH_SIZE, device: str = "auto") -> Evaluation:
+                  batch_size: int = DEFAULT_TEST_BATCH_SIZE, device: str = "auto", ops: str = "auto") -> Evaluation:
     """Evaluate the weights in `path` on the 10,000 MNIST test images."""
     weights = framework.read_weights(path)
     # A trainer holds the model and its predict(); its recipe and optimiser play no part here.
-    trainer = framework.create_trainer(TrainerConfig(SEED, seed=0, device=device, threads=None, steps_per_epoch=1))
+    trainer = framework.create_trainer(TrainerConfig(SEED, seed=0, device=device, threads=None, steps_per_epoch=1,
+                                                     ops=ops))
     trainer.load_weights(weights)
     data = load_mnist(data_dir)
     return evaluate_log_probs(trainer.predict(normalize(data.test_images), batch_size), data.test_labels)
@@ -43,9 +44,10 @@ def main(framework: Framework, argv: list[str] | None = None) -> int:
     parser.add_argument("--test-batch-size", type=int, default=DEFAULT_TEST_BATCH_SIZE, metavar="N",
                         help=f"evaluation batch size (default: {DEFAULT_TEST_BATCH_SIZE})")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="as for training (default: auto)")
+    parser.add_argument("--ops", choices=OPS, default="auto", help="layers, as for training (default: auto)")
     args = parser.parse_args(argv)
     try:
-        result = evaluate_file(framework, args.weights, args.data_dir, args.test_batch_size, args.device)
+        result = evaluate_file(framework, args.weights, args.data_dir, args.test_batch_size, args.device, args.ops)
     except UserFacingError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

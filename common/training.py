@@ -78,6 +78,7 @@ class TrainerConfig:
     device: str  # --device: auto, cpu or gpu
     threads: int | None
     steps_per_epoch: int  # per-step schedules (optax) need it to express per-epoch ones
+    ops: str = "auto"  # --ops: auto, plain or fast; each framework resolves auto for its device
 
 
 class SeedGroupTrainer(Protocol):
@@ -157,6 +158,7 @@ class RunSettings:
     dry_run: bool
     validation: bool
     device: str
+    ops: str
     threads: int | None
     save_model: bool
 
@@ -236,7 +238,7 @@ def train(framework: Framework, runs: list[RunSettings],
     evaluation_set = _evaluation_set(first, data)
     epochs = min(recipe.epochs, cli.DRY_RUN_EPOCHS) if first.dry_run else recipe.epochs
     config = TrainerConfig(recipe, first.seed, first.device, first.threads,
-                           steps_per_epoch=len(_epoch_plan(first, data, 1).batch_slices()))
+                           steps_per_epoch=len(_epoch_plan(first, data, 1).batch_slices()), ops=first.ops)
     if len(runs) == 1:
         single = framework.create_trainer(config)
         if resumed:
@@ -351,7 +353,7 @@ def _settings(framework: Framework, args: argparse.Namespace, resumed_meta: dict
     """Merge flags with the recipe, or with the checkpoint's settings when resuming."""
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum}
     common = {"test_batch_size": args.test_batch_size, "dry_run": args.dry_run, "validation": args.validation,
-              "device": args.device,
+              "device": args.device, "ops": args.ops,
               "threads": args.threads, "save_model": args.save_model,
               "data_dir": resolve_data_dir(args.data_dir)}
     if resumed_meta is None:

@@ -1,11 +1,16 @@
-"""Layers expressed so that XLA:CPU runs them fast, with unchanged maths (up to summation order).
+"""The model's operations expressed so that XLA:CPU runs them fast, with unchanged maths (up to
+summation order). jax_impl.fast_layers makes layers of them; jax_impl.ops decides when they run.
+
+Their derivatives are hand-written as tangent rules (`jax.custom_jvp`), which JAX transposes for
+reverse mode, so every transformation works through them: `jax.grad`, `jax.jvp`, `jax.jacfwd`,
+Hessian-vector products, grad-of-grad.
 
 Measured on the 2-core development machine, batch 256, forward + backward:
 
 - 2x2 max pooling: Flax's `nn.max_pool` differentiates through XLA's select-and-scatter,
-  34 ms for the first pooling layer; a reshape-max forward that keeps the index of each
-  window's maximum and a backward that places the gradient there take 1 ms. The gradient goes
-  to the FIRST maximum of each window in row-major order, exactly as PyTorch's max_pool2d and
+  34 ms for the first pooling layer; a reshape-max forward whose tangent is that of each
+  window's first maximum (so its transpose places the gradient there) takes 1 ms. The gradient
+  goes to the FIRST maximum of each window in row-major order, exactly as PyTorch's max_pool2d and
   XLA's select-and-scatter do (ties are common here: every ReLU zero becomes the same BatchNorm
   value).
 - convolution weight gradients: XLA:CPU computes the kernel gradient of conv2 over a batch of
@@ -16,78 +21,95 @@ Measured on the 2-core development machine, batch 256, forward + backward:
 - dropout masks: jax.random's Threefry runs its 20 rounds in a rolled loop on CPU, which XLA
   cannot fuse: 6.2 ms for the first dropout layer's mask and multiply. The same Threefry-2x32
   hash written out in `threefry2x32` fuses with the comparison and the multiply: 1.7 ms.
-- BatchNorm in training mode: the closed-form gradient (two reductions and one elementwise
-  pass) instead of differentiating the forward computation, which XLA turns into several more
+- BatchNorm in training mode: the closed-form tangent, whose transpose is the closed-form
+  gradient (two reductions and one elementwise pass), instead of differentiating the forward
+  computation, which XLA turns into several more
   passes over the activations: 14.6 ms -> 5.4 ms for ReLU + BatchNorm of conv2's output.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache, partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
-def conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def conv_valid(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
     """Stride-1, unpadded, undilated convolution of NHWC inputs with HWIO kernels."""
-    return lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_DIMENSIONS)
+    return lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_DIMENSIONS, precision=precision)
 
 
 # Chunk size for the weight gradients on CPU: 16 and 32 measured equally fast, 4 markedly slower.
 CPU_WEIGHT_GRAD_CHUNK = 16
 
 
-def weight_grad_chunk_for(platform: str) -> int | None:
-    """Chunked weight gradients help XLA:CPU only; GPUs and TPUs get the plain convolution."""
-    return CPU_WEIGHT_GRAD_CHUNK if platform == "cpu" else None
-
-
 @cache
-def make_chunked_weight_grad_conv(chunk: int):
-    """A drop-in `conv_general_dilated` for `flax.linen.Conv` (stride 1, VALID padding only)
-    whose kernel gradient is summed over batch chunks of `chunk` examples."""
+def make_chunked_weight_grad_conv(chunk: int) -> Callable:
+    """A drop-in `lax.conv_general_dilated` for `flax.linen.Conv` (stride 1, VALID padding, NHWC
+    inputs and HWIO kernels only; it raises on anything else) whose kernel gradient is summed
+    over batch chunks of `chunk` examples. `precision` reaches every convolution it runs.
 
-    @jax.custom_vjp
-    def conv(x, kernel):
-        return _forward_conv(x, kernel)
+    The kernel's tangent is computed chunk by chunk (and concatenated), so that its transpose,
+    the kernel gradient reverse mode needs, is the sum over chunks."""
 
-    def forward(x, kernel):
-        return _forward_conv(x, kernel), (x, kernel)
+    @partial(jax.custom_jvp, nondiff_argnums=(2,))
+    def chunked_weight_grad_conv(x, kernel, precision):
+        return _forward_conv(x, kernel, precision)
 
-    def backward(residuals, grad_out):
-        x, kernel = residuals
-        _, input_vjp = jax.vjp(lambda inputs: conv_valid(inputs, kernel), x)
-        grad_kernel = jnp.zeros_like(kernel)
-        for start in range(0, x.shape[0], chunk):
-            part = slice(start, start + chunk)
-            _, kernel_vjp = jax.vjp(lambda k, inputs=x[part]: conv_valid(inputs, k), kernel)
-            grad_kernel = grad_kernel + kernel_vjp(grad_out[part])[0]
-        return input_vjp(grad_out)[0], grad_kernel
+    def tangent(precision, primals, tangents):
+        (x, kernel), (x_dot, kernel_dot) = primals, tangents
+        terms = []
+        if not isinstance(x_dot, SymbolicZero):  # conv1's input is data: no tangent, no work
+            terms.append(conv_valid(x_dot, kernel, precision))
+        if not isinstance(kernel_dot, SymbolicZero):
+            terms.append(jnp.concatenate([conv_valid(x[start:start + chunk], kernel_dot, precision)
+                                          for start in range(0, x.shape[0], chunk)]))
+        out = _forward_conv(x, kernel, precision)
+        return out, sum(terms[1:], start=terms[0]) if terms else jnp.zeros_like(out)
 
-    conv.defvjp(forward, backward)
+    chunked_weight_grad_conv.defjvp(tangent, symbolic_zeros=True)
 
     def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                             dimension_numbers=None, feature_group_count=1, precision=None, **unused):
-        valid = padding == "VALID" or all(tuple(p) == (0, 0) for p in padding)
-        plain = all(s == 1 for s in window_strides) and not any(
-            d is not None and any(v != 1 for v in d) for d in (lhs_dilation, rhs_dilation))
-        if not (valid and plain and feature_group_count == 1):
-            raise NotImplementedError("chunked-weight-gradient convolution supports stride 1, VALID, "
-                                      "no dilation and no groups only")
-        return conv(lhs, rhs)
+                             dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                             precision=None, preferred_element_type=None):
+        unsupported = [f"{name}={value!r}" for name, value, supported in (
+            ("window_strides", window_strides, all(s == 1 for s in window_strides)),
+            ("padding", padding, padding == "VALID" or all(tuple(p) == (0, 0) for p in padding)),
+            ("lhs_dilation", lhs_dilation, lhs_dilation is None or all(d == 1 for d in lhs_dilation)),
+            ("rhs_dilation", rhs_dilation, rhs_dilation is None or all(d == 1 for d in rhs_dilation)),
+            ("dimension_numbers", dimension_numbers, _is_nhwc_hwio(lhs, rhs, dimension_numbers)),
+            ("feature_group_count", feature_group_count, feature_group_count == 1),
+            ("batch_group_count", batch_group_count, batch_group_count == 1),
+            ("preferred_element_type", preferred_element_type, preferred_element_type is None),
+        ) if not supported]
+        if unsupported:
+            raise NotImplementedError(
+                "the chunked-weight-gradient convolution (jax_impl.fast_ops) computes stride-1, VALID, "
+                "undilated, ungrouped NHWC x HWIO convolutions only; it does not support "
+                + ", ".join(unsupported) + ". Use lax.conv_general_dilated (the plain layers) instead.")
+        return chunked_weight_grad_conv(lhs, rhs, precision)
 
     return conv_general_dilated
 
 
-def _forward_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def _is_nhwc_hwio(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> bool:
+    if lhs.ndim != 4 or rhs.ndim != 4:
+        return False
+    wanted = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DIMENSIONS)
+    return lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == wanted
+
+
+def _forward_conv(x: jax.Array, kernel: jax.Array, precision) -> jax.Array:
     if kernel.shape[2] == 1:
-        return shifted_sum_conv(x, kernel)
-    return conv_valid(x, kernel)
+        return shifted_sum_conv(x, kernel)  # elementwise float arithmetic: full precision whatever is asked
+    return conv_valid(x, kernel, precision)
 
 
 def shifted_sum_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -101,7 +123,7 @@ def shifted_sum_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return sum(terms[1:], start=terms[0])
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 max pooling, stride 2, of NHWC inputs with even height and width."""
     return _windows(x).max(axis=(2, 4))
@@ -114,64 +136,58 @@ def _windows(x: jax.Array) -> jax.Array:
     return x.reshape(n, h // 2, 2, w // 2, 2, c)
 
 
-def _max_pool_forward(x):
-    corners = _corners(x)
-    pooled = jnp.maximum(jnp.maximum(corners[0], corners[1]), jnp.maximum(corners[2], corners[3]))
-    # Which corner receives the gradient: the FIRST maximum in row-major window order. Keeping
-    # this uint8 index instead of the input saves memory and a full-resolution read.
-    first = jnp.where(corners[0] == pooled, 0,
-                      jnp.where(corners[1] == pooled, 1, jnp.where(corners[2] == pooled, 2, 3)))
-    return pooled, (first.astype(jnp.uint8), x.shape)
-
-
-def _max_pool_backward(residuals, grad_out):
-    first, shape = residuals
-    grads = [jnp.where(first == corner, grad_out, 0) for corner in range(4)]
-    top = jnp.stack(grads[:2], axis=3)  # (n, h/2, w/2, 2, c): the window's first row
-    bottom = jnp.stack(grads[2:], axis=3)
-    return (jnp.stack([top, bottom], axis=2).reshape(shape),)
-
-
 def _corners(x: jax.Array) -> list[jax.Array]:
     """The four elements of every 2x2 window, in row-major order."""
     windows = _windows(x)
     return [windows[:, :, i, :, j, :] for i in (0, 1) for j in (0, 1)]
 
 
-max_pool_2x2.defvjp(_max_pool_forward, _max_pool_backward)
+@max_pool_2x2.defjvp
+def _max_pool_tangent(primals, tangents):
+    """The tangent of each window's FIRST maximum in row-major order. Written as a masked sum
+    over the window, so that its transpose, the gradient, is one elementwise pass: the output's
+    gradient broadcast over each window and kept at that one element."""
+    (x,), (x_dot,) = primals, tangents
+    corners = _corners(x)
+    pooled = jnp.maximum(jnp.maximum(corners[0], corners[1]), jnp.maximum(corners[2], corners[3]))
+    first = jnp.where(corners[0] == pooled, 0,
+                      jnp.where(corners[1] == pooled, 1, jnp.where(corners[2] == pooled, 2, 3))).astype(jnp.uint8)
+    corner_of_element = np.arange(4, dtype=np.uint8).reshape(1, 1, 2, 1, 2, 1)  # row-major within the window
+    receives = first[:, :, None, :, None, :] == corner_of_element
+    return pooled, jnp.where(receives, _windows(x_dot), 0).sum(axis=(2, 4))
 
 
-
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
+@partial(jax.custom_jvp, nondiff_argnums=(3,))
 def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> tuple:
     """Training-mode batch normalisation over all axes but the last: (y, batch mean, biased
-    batch variance). The statistics are returned for the running averages only; their
-    cotangents are ignored, so callers must stop gradients through them."""
-    return _batch_norm_forward(x, scale, bias, epsilon)[0]
+    batch variance)."""
+    return _batch_norm(x, scale, bias, epsilon)[0]
 
 
-def _batch_norm_forward(x, scale, bias, epsilon):
+def _batch_norm(x, scale, bias, epsilon):
     axes = tuple(range(x.ndim - 1))
     mean = x.mean(axes)
     var = jnp.square(x - mean).mean(axes)  # two passes, no cancellation (as PyTorch)
     inverse_std = lax.rsqrt(var + epsilon)
-    y = (x - mean) * (inverse_std * scale) + bias
-    return (y, mean, var), (x, mean, inverse_std, scale)
-
-
-def _batch_norm_backward(epsilon, residuals, cotangents):
-    x, mean, inverse_std, scale = residuals
-    grad_y = cotangents[0]
-    axes = tuple(range(x.ndim - 1))
-    count = x.size // x.shape[-1]
     x_hat = (x - mean) * inverse_std
-    grad_bias = grad_y.sum(axes)
-    grad_scale = (grad_y * x_hat).sum(axes)
-    grad_x = (scale * inverse_std / count) * (count * grad_y - grad_bias - x_hat * grad_scale)
-    return grad_x, grad_scale, grad_bias
+    return (x_hat * scale + bias, mean, var), x_hat, inverse_std
 
 
-batch_norm_train.defvjp(_batch_norm_forward, _batch_norm_backward)
+@batch_norm_train.defjvp
+def _batch_norm_tangent(epsilon, primals, tangents):
+    """The closed form: with x_hat the normalised input and a = scale / std (per channel),
+    y = x_hat * scale + bias has the tangent a * x' - a * mean(x') - x_hat * a * mean(x_hat * x')
+    + x_hat * scale' + bias'. The per-channel factors are applied after the means, so that the
+    transpose (the gradient) sums the output's gradient g only as sum(g) and sum(x_hat * g),
+    which the scale and bias gradients need too: two reductions and one elementwise pass."""
+    (x, scale, bias), (x_dot, scale_dot, bias_dot) = primals, tangents
+    axes = tuple(range(x.ndim - 1))
+    outputs, x_hat, inverse_std = _batch_norm(x, scale, bias, epsilon)
+    a = scale * inverse_std
+    mean_dot = x_dot.mean(axes)
+    projection = (x_hat * x_dot).mean(axes)
+    y_dot = a * x_dot - a * mean_dot - x_hat * (a * projection) + x_hat * scale_dot + bias_dot
+    return outputs, (y_dot, mean_dot, 2 * projection / inverse_std)
 
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))

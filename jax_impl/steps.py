@@ -17,7 +17,7 @@ from flax.training import train_state
 
 from common.recipes import Recipe
 from common.spec import IMAGE_SIZE, NUM_CLASSES
-from jax_impl.model import Net
+from jax_impl.model import PLAIN_LAYERS, Layers, Net
 from jax_impl.schedules import make_optimizer
 
 
@@ -31,10 +31,11 @@ class TrainState(train_state.TrainState):
 
 
 def create_train_state(
-    key: jax.Array, recipe: Recipe, steps_per_epoch: int, weight_grad_chunk: int | None = None
+    key: jax.Array, recipe: Recipe, steps_per_epoch: int, layers: Layers = PLAIN_LAYERS
 ) -> TrainState:
-    """Fresh weights (PyTorch's initial distributions) and an empty optimiser state."""
-    model = Net(dropout=recipe.dropout, weight_grad_chunk=weight_grad_chunk)
+    """Fresh weights (PyTorch's initial distributions) and an empty optimiser state. `layers`
+    (see jax_impl.ops) changes how the model computes, not its weights or their initial values."""
+    model = Net(dropout=recipe.dropout, layers=layers)
     variables = model.init(key, jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1), jnp.float32), train=False)
     return TrainState.create(
         apply_fn=model.apply,

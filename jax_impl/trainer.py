@@ -7,7 +7,7 @@ never execute code, unlike a pickle.
 from __future__ import annotations
 
 import json
-import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,10 @@ from common.batching import EpochPlan
 from common.checkpoints import checkpoint_meta, unreadable
 from common.errors import CheckpointError, UserFacingError
 from common.progress import EpochProgress
+from common.system import pin_to_cores, usable_cpu_count
 from common.training import TrainerConfig
 from jax_impl.epochs import EPOCH_RUNNERS, AheadOfTime, default_epoch_runner
-from jax_impl.fast_ops import weight_grad_chunk_for
+from jax_impl.ops import layers_for, resolve_ops
 from jax_impl.schedules import learning_rate_schedule
 from jax_impl.steps import create_train_state, eval_step
 
@@ -34,8 +35,11 @@ CHECKPOINT_KEYS = {"meta", "state"}
 def limit_threads(threads: int | None) -> None:
     """--threads: pin the process to that many cores. XLA sizes its CPU thread pool from the
     cores the process may use when the backend starts, so this must run before first use."""
-    if threads:
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
+    if threads and not pin_to_cores(threads):
+        raise UserFacingError(
+            f"--threads {threads}: JAX's CPU backend sizes its thread pool from the cores the process may "
+            f"run on, and only Linux lets a program choose them ({sys.platform} does not). Leave --threads "
+            "out here: XLA then uses every core.")
 
 
 def select_device(choice: str) -> jax.Device:
@@ -51,22 +55,27 @@ def select_device(choice: str) -> jax.Device:
                               "use --device cpu or auto.") from None
 
 
+def describe(device: jax.Device, ops: str, epoch_runner_name: str) -> dict[str, Any]:
+    """The facts of a JAX run that config.json records."""
+    return {"framework": "JAX", "version": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+            "device": str(device), "ops": ops, "epoch": epoch_runner_name, "threads": usable_cpu_count()}
+
+
 class JaxTrainer:
-    """Train state of one run, seeded by `seed`, with the epoch loop suited to its device."""
+    """Train state of one run, seeded by `seed`, with the layers and epoch loop suited to its device."""
 
     def __init__(self, config: TrainerConfig):
         limit_threads(config.threads)
         self.device = select_device(config.device)
+        self.ops = resolve_ops(config.ops, self.device.platform)
         self.schedule = learning_rate_schedule(config.recipe, config.steps_per_epoch)
-        state, self.dropout_key = initial_state(jax.random.key(config.seed), config, self.device)
+        state, self.dropout_key = initial_state(jax.random.key(config.seed), config, self.ops)
         self.state, self.dropout_key = jax.device_put((state, self.dropout_key), self.device)
         self.epoch_runner = EPOCH_RUNNERS[default_epoch_runner(self.device)](self.device)
         self.evaluate = AheadOfTime(jax.jit(eval_step))
 
     def describe(self) -> dict[str, Any]:
-        return {"framework": "JAX", "version": jax.__version__, "flax": flax.__version__,
-                "optax": optax.__version__, "device": str(self.device), "epoch": self.epoch_runner.name,
-                "threads": len(os.sched_getaffinity(0))}
+        return describe(self.device, self.ops, self.epoch_runner.name)
 
     def learning_rate(self) -> float:
         return float(self.schedule(int(self.state.step)))
@@ -114,18 +123,17 @@ class JaxSeedGroup:
     def __init__(self, config: TrainerConfig, seeds: list[int]):
         limit_threads(config.threads)
         self.device = select_device(config.device)
+        self.ops = resolve_ops(config.ops, self.device.platform)
         self.seeds = seeds
         self.schedule = learning_rate_schedule(config.recipe, config.steps_per_epoch)
         keys = jnp.stack([jax.random.key(seed) for seed in seeds])
-        state, self.dropout_keys = jax.vmap(lambda key: initial_state(key, config, self.device))(keys)
+        state, self.dropout_keys = jax.vmap(lambda key: initial_state(key, config, self.ops))(keys)
         self.state, self.dropout_keys = jax.device_put((state, self.dropout_keys), self.device)
         self.epoch_runner = EPOCH_RUNNERS[default_epoch_runner(self.device)](self.device, grouped=True)
         self.evaluate = AheadOfTime(jax.jit(jax.vmap(eval_step, in_axes=(0, None))))
 
     def describe(self) -> dict[str, Any]:
-        return {"framework": "JAX", "version": jax.__version__, "flax": flax.__version__,
-                "optax": optax.__version__, "device": str(self.device), "epoch": self.epoch_runner.name,
-                "threads": len(os.sched_getaffinity(0)), "seeds in one program": len(self.seeds)}
+        return {**describe(self.device, self.ops, self.epoch_runner.name), "seeds in one program": len(self.seeds)}
 
     def learning_rate(self) -> float:
         return float(self.schedule(int(self.state.step[0])))
@@ -149,10 +157,10 @@ class JaxSeedGroup:
         return serialization.msgpack_serialize(serialization.to_state_dict(one))
 
 
-def initial_state(key: jax.Array, config: TrainerConfig, device: jax.Device):
-    """(train state, dropout key) of the seed whose root key is `key`."""
+def initial_state(key: jax.Array, config: TrainerConfig, ops: str):
+    """(train state, dropout key) of the seed whose root key is `key`, with the layers of `ops`."""
     init_key, dropout_key = jax.random.split(key)
-    state = create_train_state(init_key, config.recipe, config.steps_per_epoch, weight_grad_chunk_for(device.platform))
+    state = create_train_state(init_key, config.recipe, config.steps_per_epoch, layers_for(ops))
     return state, dropout_key
 
 

@@ -9,7 +9,8 @@ import sys
 
 from tests.conftest import REPO_ROOT
 
-VARIANTS = {"PyTorch eager", "PyTorch channels_last", "JAX jitted-step loop", "JAX lax.scan epoch"}
+VARIANTS = {"PyTorch eager", "PyTorch channels_last", "JAX step loop, fast layers", "JAX step loop, plain layers",
+            "JAX lax.scan epoch"}
 
 
 def numbers(value):
@@ -32,7 +33,7 @@ def test_quick_comparison_writes_a_complete_report(tmp_path, mnist_dir):
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| JAX jitted-step loop |" in result.stdout
+    assert "| JAX step loop, fast layers |" in result.stdout and "| JAX step loop, plain layers |" in result.stdout
     report = json.loads((out / "results.json").read_text())
     assert {"settings", "machine", "sgemm_gflops", "flops", "throughput", "wall_seconds"} <= set(report)
     assert {"cpu", "cores", "torch", "jax", "flax", "optax", "numpy", "python"} <= set(report["machine"])

@@ -7,10 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from jax import lax
 
-from common.recipes import SEED
 from jax_impl.fast_ops import conv_valid, make_chunked_weight_grad_conv, max_pool_2x2
-from jax_impl.steps import create_train_state, nll_loss
 
 
 @pytest.fixture
@@ -47,14 +46,22 @@ def test_max_pool_rejects_odd_sizes():
         max_pool_2x2(jnp.zeros((1, 5, 4, 1)))
 
 
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def chunked_conv(chunk=16, **arguments):
+    """The fast convolution as nn.Conv calls it, on NHWC inputs and HWIO kernels."""
+    conv = make_chunked_weight_grad_conv(chunk)
+    return lambda x, kernel: conv(x, kernel, (1, 1), "VALID", dimension_numbers=NHWC, **arguments)
+
+
 @pytest.mark.parametrize("batch", [7, 16, 37])
 def test_chunked_weight_gradient_conv_equals_xla(float64, batch):
     rng = np.random.default_rng(batch)
     x = jnp.asarray(rng.normal(size=(batch, 9, 9, 3)))
     kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 5)))
     grad_out = jnp.asarray(rng.normal(size=(batch, 7, 7, 5)))
-    chunked = make_chunked_weight_grad_conv(16)
-    ours, our_vjp = jax.vjp(lambda a, k: chunked(a, k, (1, 1), "VALID"), x, kernel)
+    ours, our_vjp = jax.vjp(chunked_conv(), x, kernel)
     theirs, their_vjp = jax.vjp(conv_valid, x, kernel)
     np.testing.assert_array_equal(ours, theirs)
     # float64: only the order of the sum over examples differs, so agreement to ~1e-15.
@@ -68,8 +75,7 @@ def test_single_channel_conv_as_shifted_sums_equals_xla(float64):
     x = jnp.asarray(rng.normal(size=(20, 28, 28, 1)))
     kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 8)))
     grad_out = jnp.asarray(rng.normal(size=(20, 26, 26, 8)))
-    chunked = make_chunked_weight_grad_conv(16)
-    ours, our_vjp = jax.vjp(lambda a, k: chunked(a, k, (1, 1), "VALID"), x, kernel)
+    ours, our_vjp = jax.vjp(chunked_conv(), x, kernel)
     theirs, their_vjp = jax.vjp(conv_valid, x, kernel)
     # float64, and only the order of the 9-term sum differs: agreement to a few ulps.
     np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
@@ -77,33 +83,26 @@ def test_single_channel_conv_as_shifted_sums_equals_xla(float64):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_chunked_conv_refuses_what_it_does_not_implement():
-    conv = make_chunked_weight_grad_conv(16)
-    with pytest.raises(NotImplementedError):
-        conv(jnp.zeros((1, 8, 8, 1)), jnp.zeros((3, 3, 1, 1)), (2, 2), "VALID")
-    with pytest.raises(NotImplementedError):
-        conv(jnp.zeros((1, 8, 8, 1)), jnp.zeros((3, 3, 1, 1)), (1, 1), [(1, 1), (1, 1)])
+@pytest.mark.parametrize("arguments", [
+    {"window_strides": (2, 2)}, {"padding": [(1, 1), (1, 1)]}, {"padding": "SAME"}, {"lhs_dilation": (2, 2)},
+    {"rhs_dilation": (2, 2)}, {"dimension_numbers": ("NCHW", "OIHW", "NCHW")}, {"dimension_numbers": None},
+    {"feature_group_count": 2}, {"batch_group_count": 2}, {"preferred_element_type": jnp.float64},
+], ids=lambda arguments: next(iter(arguments)) + "=" + str(next(iter(arguments.values()))))
+def test_chunked_conv_refuses_every_argument_it_does_not_implement(arguments):
+    """Every argument of lax.conv_general_dilated that the fast convolution cannot honour raises,
+    naming it, rather than being ignored."""
+    call = {"window_strides": (1, 1), "padding": "VALID", "dimension_numbers": NHWC, **arguments}
+    with pytest.raises(NotImplementedError, match=next(iter(arguments))):
+        make_chunked_weight_grad_conv(16)(jnp.zeros((2, 8, 8, 2)), jnp.zeros((3, 3, 2, 2)), **call)
 
 
-def test_model_gradients_do_not_depend_on_chunking(float64):
-    """Whole-model loss gradients with and without chunked weight gradients, float64, with
-    batch statistics and no dropout, so the two differ by summation order alone."""
-    rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.normal(size=(40, 28, 28, 1)))
-    labels = jnp.asarray(rng.integers(0, 10, 40).astype(np.int32))
-    recipe = SEED.with_overrides(dropout=0.0)
-
-    def gradients(chunk):
-        state = create_train_state(jax.random.key(0), recipe, 10, weight_grad_chunk=chunk)
-        state = state.replace(params=jax.tree_util.tree_map(lambda p: p.astype(jnp.float64), state.params))
-
-        def loss(params):
-            log_probs, _ = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images,
-                                          train=True, mutable=["batch_stats"])
-            return nll_loss(log_probs, labels)
-
-        return jax.grad(loss)(state.params)
-
-    for a, b in zip(jax.tree_util.tree_leaves(gradients(16)), jax.tree_util.tree_leaves(gradients(None)),
-                    strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+@pytest.mark.parametrize("precision", [lax.Precision.HIGHEST, lax.Precision.HIGH])
+def test_chunked_conv_passes_its_precision_to_every_convolution(precision):
+    """Forward, input gradient and each chunk's kernel gradient run at the precision asked for
+    (what TF32 on a GPU depends on)."""
+    conv = chunked_conv(precision=precision)
+    loss = jax.grad(lambda x, kernel: conv(x, kernel).sum(), argnums=(0, 1))
+    jaxpr = str(jax.make_jaxpr(loss)(jnp.ones((20, 5, 5, 2)), jnp.ones((3, 3, 2, 4))))
+    convolutions = jaxpr.count("conv_general_dilated[")
+    assert convolutions == 4  # forward, input gradient, kernel gradients of 2 chunks (16 + 4)
+    assert jaxpr.count(f"precision=(Precision.{precision.name}, Precision.{precision.name})") == convolutions

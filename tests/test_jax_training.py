@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -23,6 +24,7 @@ from common.transforms import augment as core_augment
 from common.transforms import normalize as core_normalize
 from jax_impl import augment
 from jax_impl.epochs import LoopEpoch, ScanEpoch
+from jax_impl.fast_layers import FAST_LAYERS
 from jax_impl.schedules import learning_rate_schedule
 from jax_impl.steps import create_train_state, jit_eval_step, jit_train_step
 from jax_impl.train import FRAMEWORK
@@ -97,7 +99,7 @@ def test_scan_epoch_and_step_loop_train_the_same(mnist):
     jax.config.update("jax_enable_x64", True)
     try:
         for runner in (LoopEpoch(device), ScanEpoch(device)):
-            state = create_train_state(jax.random.key(0), SEED, steps_per_epoch=4, weight_grad_chunk=16)
+            state = create_train_state(jax.random.key(0), SEED, steps_per_epoch=4, layers=FAST_LAYERS)
             state = state.replace(params=_to_float64(state.params), batch_stats=_to_float64(state.batch_stats),
                                   opt_state=_to_float64(state.opt_state))
             progress = EpochProgress(1, 1, len(plan.order), enabled=False)
@@ -142,6 +144,35 @@ def test_dry_run_writes_the_same_artefacts_as_torch_ref(dry_run):
     assert history[0].compile_seconds > 0
     config = json.loads((dry_run / "config.json").read_text())
     assert config["framework"]["framework"] == "JAX" and config["recipe"]["name"] == "best"
+    assert config["ops"] == "auto" and config["framework"]["ops"] == "fast"  # auto on the CPU
+
+
+def test_ops_flag_picks_the_layers_and_config_records_them(tmp_path, mnist_dir):
+    out = tmp_path / "plain"
+    assert train(["--dry-run", "--ops", "plain", "--out", str(out)], mnist_dir) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["ops"] == "plain" and config["framework"]["ops"] == "plain"
+
+
+@pytest.fixture
+def without_affinity_calls(monkeypatch):
+    """This OS as macOS and Windows are: no os.sched_getaffinity, no os.sched_setaffinity."""
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.delattr(os, "sched_setaffinity", raising=False)
+
+
+def test_dry_run_works_without_linux_affinity_calls(without_affinity_calls, tmp_path, mnist_dir):
+    out = tmp_path / "portable"
+    assert train(["--dry-run", "--out", str(out)], mnist_dir) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["framework"]["threads"] == os.cpu_count()
+
+
+def test_threads_says_where_it_cannot_work(without_affinity_calls, tmp_path, mnist_dir, capsys):
+    out = tmp_path / "threads"
+    assert train(["--dry-run", "--threads", "1", "--out", str(out)], mnist_dir) == 2
+    assert "only Linux lets a program choose them" in capsys.readouterr().err
+    assert not (out / "checkpoint.msgpack").exists()
 
 
 def test_checkpoint_round_trip(dry_run, mnist):

@@ -61,6 +61,25 @@ def test_checkpoint_round_trip_gives_identical_predictions(dry_run, mnist):
     assert first.learning_rate() > BEST.lr / BEST.schedule.div_factor
 
 
+def test_fast_ops_is_channels_last_with_the_same_predictions(dry_run, mnist):
+    """--ops fast: the same weights in channels_last memory; float64 so that the two layouts'
+    different summation orders leave ~1e-15, and 1e-12 proves the same function."""
+    import torch
+
+    _, state = read_checkpoint(dry_run / "checkpoint.pt")
+    images = (mnist.test_images[:64] / 255.0).astype(np.float64)
+    outputs = {}
+    for ops in ("plain", "fast"):
+        trainer = TorchTrainer(TrainerConfig(BEST, seed=0, device="cpu", threads=1, steps_per_epoch=4, ops=ops))
+        trainer.restore(state)
+        assert trainer.describe()["ops"] == ops
+        assert trainer.model.conv2.weight.is_contiguous(memory_format=torch.channels_last) == (ops == "fast")
+        trainer.model.double().eval()
+        with torch.no_grad():
+            outputs[ops] = trainer.model(torch.from_numpy(images[:, None])).numpy()
+    np.testing.assert_allclose(outputs["fast"], outputs["plain"], rtol=1e-12, atol=1e-12)
+
+
 def test_saved_model_loads_into_the_original_architecture(dry_run):
     import torch
 
@@ -131,6 +150,7 @@ def test_progress_rejects_non_finite_loss():
     (["--epochs", "0"], "'0' is not a positive integer"),
     (["--momentum", "1.5"], "is not a number in [0, 1)"),
     (["--device", "tpu9"], "invalid choice"),
+    (["--ops", "turbo"], "invalid choice"),
     (["--recipe", "nope"], "invalid choice"),
 ])
 def test_bad_flags_are_rejected_by_the_parser(flags, message, capsys):
@@ -143,8 +163,8 @@ def test_bad_flags_are_rejected_by_the_parser(flags, message, capsys):
 def test_help_explains_every_flag():
     parser = build_parser("PyTorch", "torch_ref.train")
     expected = {"--recipe", "--epochs", "--batch-size", "--test-batch-size", "--lr", "--momentum", "--seed",
-                "--data-dir", "--out", "--dry-run", "--device", "--threads", "--save-model", "--resume", "--seeds",
-                "--validation"}
+                "--data-dir", "--out", "--dry-run", "--device", "--ops", "--threads", "--save-model", "--resume",
+                "--seeds", "--validation"}
     options = {a.option_strings[-1]: a for a in parser._actions if a.option_strings and a.dest != "help"}
     assert set(options) == expected
     assert all(len(action.help) > 20 for action in options.values())

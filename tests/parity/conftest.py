@@ -1,4 +1,9 @@
-"""Fixtures of the parity suite."""
+"""Fixtures of the parity suite.
+
+Every test runs at the highest float32 precision of both frameworks. On recent NVIDIA GPUs both
+compute float32 convolutions and matmuls in TF32 by default (10-bit mantissa, ~1e-3 relative),
+which would make the float32 tolerances below meaningless; on CPUs these settings change nothing.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from jax_impl.ops import layers_for
 from tests.parity.mutations import apply_from_environment
 
 apply_from_environment()  # a deliberate mistake, when tests.parity.mutations runs the suite
@@ -33,3 +39,25 @@ def _deterministic_torch():
     torch.use_deterministic_algorithms(True)
     yield
     torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture(autouse=True)
+def _highest_precision():
+    """Full float32 convolutions and matmuls: no TF32 in PyTorch's cuDNN and CUDA matmuls, and
+    "highest" as JAX's default precision for both."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    with jax.default_matmul_precision("highest"):
+        yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture(params=["plain", "fast"])
+def ops(request) -> str:
+    """Each test that runs the JAX model runs it with both layer implementations (jax_impl.ops)."""
+    return request.param
+
+
+@pytest.fixture
+def layers(ops):
+    return layers_for(ops)

@@ -4,7 +4,8 @@ The PyTorch model is the source of truth; its weights, including non-trivial Bat
 statistics and affine parameters, are converted with `jax_impl.convert` (so the conversion is
 under test everywhere the pair is used). Dropout masks are injected into both frameworks, in
 PyTorch with forward hooks and in Flax with `nn.intercept_methods`, because the two draw
-different masks from the same seed by design.
+different masks from the same seed by design. The Flax model is built from the layers a test
+asks for (plain or fast, see jax_impl.ops).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from flax import linen as nn
 
 from jax_impl.convert import torch_to_flax
+from jax_impl.model import Layers
 from jax_impl.model import Net as FlaxNet
 from torch_ref.model import Net as TorchNet
 
@@ -95,9 +97,9 @@ def flax_masks(masks: dict[str, jax.Array]) -> Iterator[None]:
         yield
 
 
-def flax_forward(variables: dict, images_nhwc, train: bool, masks: dict | None = None):
-    """(log-probs, updated batch_stats or None) of the Flax model."""
-    model = FlaxNet()
+def flax_forward(variables: dict, images_nhwc, train: bool, masks: dict | None, layers: Layers):
+    """(log-probs, updated batch_stats or None) of the Flax model built from `layers`."""
+    model = FlaxNet(layers=layers)
     with flax_masks(masks or {}):
         if train:
             out, updates = model.apply(variables, images_nhwc, train=True, mutable=["batch_stats"],

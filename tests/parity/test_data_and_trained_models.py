@@ -3,8 +3,12 @@ framework makes the same test predictions."""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import jax
 import numpy as np
+import pytest
 import torch
 
 from common.batching import plan_epoch
@@ -23,15 +27,16 @@ from torch_ref.trainer import TorchTrainer
 CONFIG = TrainerConfig(SEED, seed=0, device="cpu", threads=None, steps_per_epoch=3)
 
 
-def test_same_seed_feeds_identical_batches_to_both_trainers(mnist):
+def test_same_seed_feeds_identical_batches_to_both_trainers(mnist, ops):
     plan = plan_epoch(0, 1, len(mnist.train_labels), 64, SEED.augmentation).head(64 * 2 + 10)
     torch_inputs, jax_inputs = [], []
 
-    torch_trainer = TorchTrainer(CONFIG)
+    config = dataclasses.replace(CONFIG, ops=ops)
+    torch_trainer = TorchTrainer(config)
     torch_trainer.model.register_forward_pre_hook(lambda module, args: torch_inputs.append(args[0].numpy().copy()))
     torch_trainer.train_epoch(plan, mnist.train_images, mnist.train_labels, EpochProgress(1, 1, 138, enabled=False))
 
-    jax_trainer = JaxTrainer(CONFIG)
+    jax_trainer = JaxTrainer(config)
     compiled_step = jax_trainer.epoch_runner.step
 
     def recording_step(signature, state, batch, key):
@@ -53,18 +58,29 @@ def test_same_seed_feeds_identical_batches_to_both_trainers(mnist):
         np.testing.assert_array_equal(np.asarray(augment.normalize(device_pixels)), jax_batch[..., 0])
 
 
-def test_models_trained_one_epoch_predict_the_same_in_the_other_framework(tmp_path, mnist_dir, mnist, capsys):
+@pytest.fixture(scope="module")
+def torch_checkpoint(tmp_path_factory, mnist_dir) -> Path:
+    """A PyTorch model trained one epoch (once for both layer paths of the JAX side)."""
+    out = tmp_path_factory.mktemp("trained") / "torch"
+    assert main(TORCH, ["--epochs", "1", "--out", str(out), "--data-dir", str(mnist_dir)]) == 0
+    return out / "checkpoint.pt"
+
+
+def test_models_trained_one_epoch_predict_the_same_in_the_other_framework(tmp_path, mnist_dir, mnist, capsys, ops,
+                                                                            torch_checkpoint):
     """At most 2 of 10,000 test predictions may differ: the same weights give log-probabilities
     within ~1e-6 in the two frameworks (float32), so only an image whose two best classes are
-    that close could flip (measured: 0 differ in both directions)."""
+    that close could flip (measured: 0 differ in both directions). JAX trains and evaluates with
+    the layers of `ops`; PyTorch evaluates with its counterpart (fast: channels_last)."""
     test_inputs = normalize(mnist.test_images)
-    for trained_by, other, model_file, converted in ((TORCH, JAX, "checkpoint.pt", "converted.msgpack"),
-                                                     (JAX, TORCH, "checkpoint.msgpack", "converted.pt")):
-        out = tmp_path / trained_by.name
-        assert main(trained_by, ["--epochs", "1", "--out", str(out), "--data-dir", str(mnist_dir)]) == 0
-        convert_file(out / model_file, tmp_path / converted)
-        original = evaluate_file(trained_by, out / model_file, str(mnist_dir), device="cpu")
-        ported = evaluate_file(other, tmp_path / converted, str(mnist_dir), device="cpu")
+    jax_out = tmp_path / "jax"
+    assert main(JAX, ["--epochs", "1", "--ops", ops, "--out", str(jax_out), "--data-dir", str(mnist_dir)]) == 0
+    for trained_by, other, checkpoint, converted in (
+            (TORCH, JAX, torch_checkpoint, "converted.msgpack"),
+            (JAX, TORCH, jax_out / "checkpoint.msgpack", "converted.pt")):
+        convert_file(checkpoint, tmp_path / converted)
+        original = evaluate_file(trained_by, checkpoint, str(mnist_dir), device="cpu", ops=ops)
+        ported = evaluate_file(other, tmp_path / converted, str(mnist_dir), device="cpu", ops=ops)
         assert original.accuracy > 95  # a trained model, not a trivial one
         differing = int((original.predictions != ported.predictions).sum())
         with capsys.disabled():
@@ -75,15 +91,14 @@ def test_models_trained_one_epoch_predict_the_same_in_the_other_framework(tmp_pa
         assert len(test_inputs) == len(original.predictions) == 10000
 
 
-def test_torch_pool_and_flax_pool_route_gradients_to_the_same_element():
+def test_torch_pool_and_flax_pool_route_gradients_to_the_same_element(layers):
     """Ties are frequent after ReLU + BatchNorm; both frameworks send a window's gradient to its
     first maximum (row-major), so the gradients agree exactly on tied inputs."""
-    from jax_impl.fast_ops import max_pool_2x2
-
+    pool = layers.max_pool()
     x = np.random.default_rng(0).integers(-1, 2, (4, 3, 6, 8)).astype(np.float32)  # NCHW, many ties
     grad_out = np.random.default_rng(1).normal(size=(4, 3, 3, 4)).astype(np.float32)
     tensor = torch.tensor(x, requires_grad=True)
     torch.nn.functional.max_pool2d(tensor, 2, 2).backward(torch.tensor(grad_out))
-    _, vjp = jax.vjp(max_pool_2x2, jax.numpy.asarray(x.transpose(0, 2, 3, 1)))
+    _, vjp = jax.vjp(lambda inputs: pool.apply({}, inputs), jax.numpy.asarray(x.transpose(0, 2, 3, 1)))
     ours = np.asarray(vjp(jax.numpy.asarray(grad_out.transpose(0, 2, 3, 1)))[0]).transpose(0, 3, 1, 2)
     np.testing.assert_array_equal(ours, tensor.grad.numpy())

@@ -28,19 +28,19 @@ def torch_kept(model, images) -> np.ndarray:
     return kept
 
 
-def flax_kept(variables, images) -> np.ndarray:
-    _, state = FlaxNet().apply(variables, jnp.asarray(nchw_to_nhwc(images)), train=True,
+def flax_kept(variables, images, layers) -> np.ndarray:
+    _, state = FlaxNet(layers=layers).apply(variables, jnp.asarray(nchw_to_nhwc(images)), train=True,
                                rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats", "intermediates"],
                                capture_intermediates=lambda module, _: module.name == "drop1")
     output = np.asarray(state["intermediates"]["drop1"]["__call__"][0])
     return (output != 0).transpose(0, 3, 1, 2)
 
 
-def test_dropout_is_element_wise_at_the_same_rate_in_both(test_images):
+def test_dropout_is_element_wise_at_the_same_rate_in_both(test_images, layers):
     model = torch_model()
     variables = flax_variables(model)
     torch.manual_seed(0)
-    ours = mask_statistics(flax_kept(variables, test_images))
+    ours = mask_statistics(flax_kept(variables, test_images, layers))
     theirs = mask_statistics(torch_kept(model, test_images))
     # 256 x 16 x 24 x 24 = 2.4M Bernoulli(0.85) draws: standard deviation of the share 2.3e-4.
     for kept_share, dropped_maps in (ours, theirs):

@@ -26,10 +26,10 @@ from tests.parity.helpers import (
 PRECISIONS = {"float32": (torch.float32, jnp.float32, 1e-5), "float64": (torch.float64, jnp.float64, 1e-12)}
 
 
-def run_flax(variables, images, train, masks, compiled):
+def run_flax(variables, images, train, masks, layers, compiled):
     if compiled:
-        return jax.jit(flax_forward, static_argnums=2)(variables, images, train, masks)
-    return flax_forward(variables, images, train, masks)
+        return jax.jit(flax_forward, static_argnums=(2, 4))(variables, images, train, masks, layers)
+    return flax_forward(variables, images, train, masks, layers)
 
 
 @pytest.fixture(params=["float32", "float64"])
@@ -42,21 +42,21 @@ def precision(request):
 
 @pytest.mark.parametrize("batch", [1, 7, 256])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "jit"])
-def test_eval_forward_matches(test_images, precision, batch, compiled):
+def test_eval_forward_matches(test_images, precision, batch, compiled, layers):
     torch_dtype, jax_dtype, tolerance = precision
     model = torch_model(dtype=torch_dtype).eval()
     images = test_images[:batch]
     with torch.no_grad():
         expected = model(torch.as_tensor(images, dtype=torch_dtype)).numpy()
     variables = flax_variables(model, jax_dtype)
-    ours, _ = run_flax(variables, jnp.asarray(nchw_to_nhwc(images), jax_dtype), False, None, compiled)
+    ours, _ = run_flax(variables, jnp.asarray(nchw_to_nhwc(images), jax_dtype), False, None, layers, compiled)
     np.testing.assert_allclose(np.asarray(ours), expected, rtol=0, atol=tolerance)
     assert (np.asarray(ours).argmax(1) == expected.argmax(1)).all()
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "jit"])
 def test_train_forward_with_the_same_masks_matches_and_updates_the_same_statistics(
-        test_images, precision, compiled):
+        test_images, precision, compiled, layers):
     """Batch statistics, injected dropout masks, and the running statistics after the step:
     a biased running variance in JAX would be off by n/(n-1) = 1.0002 (bn5: 1.0016 at batch 32)."""
     torch_dtype, jax_dtype, tolerance = precision
@@ -68,7 +68,7 @@ def test_train_forward_with_the_same_masks_matches_and_updates_the_same_statisti
         expected = model(torch.as_tensor(images, dtype=torch_dtype)).numpy()
     nhwc_masks = {name: jnp.asarray(nchw_to_nhwc(mask)) for name, mask in masks.items()}
     ours, batch_stats = run_flax(variables, jnp.asarray(nchw_to_nhwc(images), jax_dtype), True, nhwc_masks,
-                                 compiled)
+                                 layers, compiled)
     np.testing.assert_allclose(np.asarray(ours), expected, rtol=0, atol=tolerance)
     for i in range(1, 6):
         bn = getattr(model, f"bn{i}")

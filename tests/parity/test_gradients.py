@@ -36,9 +36,10 @@ def torch_gradients(model, images, labels, masks, label_smoothing):
     return loss.item(), {name: p.grad.detach().numpy() for name, p in model.named_parameters()}
 
 
-def flax_gradients(variables, images, labels, masks, compiled, label_smoothing):
+def flax_gradients(variables, images, labels, masks, compiled, label_smoothing, layers):
     def loss_fn(params):
-        log_probs, _ = flax_forward({"params": params, "batch_stats": variables["batch_stats"]}, images, True, masks)
+        log_probs, _ = flax_forward({"params": params, "batch_stats": variables["batch_stats"]}, images, True, masks,
+                                    layers)
         return nll_loss(log_probs, labels, label_smoothing)
 
     value_and_grad = jax.value_and_grad(loss_fn)
@@ -53,7 +54,7 @@ def flax_gradients(variables, images, labels, masks, compiled, label_smoothing):
 @pytest.mark.parametrize("dtype_name, relative", [("float32", 1e-3), ("float64", 1e-10)])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1], ids=["nll", "smoothed"])
-def test_parameter_gradients_match(test_images, mnist, dtype_name, relative, compiled, label_smoothing):
+def test_parameter_gradients_match(test_images, mnist, dtype_name, relative, compiled, label_smoothing, layers):
     if dtype_name == "float64":
         jax.config.update("jax_enable_x64", True)
     try:
@@ -68,7 +69,7 @@ def test_parameter_gradients_match(test_images, mnist, dtype_name, relative, com
                                                   torch.as_tensor(labels), masks, label_smoothing)
         nhwc_masks = {name: jnp.asarray(nchw_to_nhwc(mask)) for name, mask in masks.items()}
         loss, ours = flax_gradients(variables, jnp.asarray(nchw_to_nhwc(images), jax_dtype),
-                                    jnp.asarray(labels, jnp.int32), nhwc_masks, compiled, label_smoothing)
+                                    jnp.asarray(labels, jnp.int32), nhwc_masks, compiled, label_smoothing, layers)
     finally:
         jax.config.update("jax_enable_x64", False)
     assert loss == pytest.approx(expected_loss, rel=relative)

@@ -10,8 +10,13 @@ after 100; but PyTorch float32 against PyTorch float64 is just as far (7.5e-2, 0
 this is float32 training itself, not a difference between the frameworks: rounding flips ReLU
 and max-pool decisions near ties, and each flip moves a gradient by a discrete amount. The
 float32 test therefore bounds it loosely: every tensor within its own norm (nothing diverged or
-blew up) and the mean training loss of the last 10 steps within 10% (measured: 0.2615 in JAX,
-0.2708 in PyTorch, 3.5% apart: two float32 runs are two samples of the same training).
+blew up) and the mean training loss of the last 10 steps within 30%. Two float32 runs are two
+samples of the same training, and that loss varies between samples: measured for PyTorch alone,
+float64 and float32 and four float32 runs whose initial weights were scaled by 1 + 1e-6 noise,
+0.258 to 0.297 (standard deviation 0.015, 5.5%); JAX float32 gave 0.292 (plain layers) and
+0.283 (fast), PyTorch float32 unperturbed 0.264. The difference of two samples then has a
+standard deviation of about 8%, and 30% is four of them (the earlier bound, 10%, was little more
+than one, and failed on the plain layers' sample). The float64 test above is the precise check.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ STEPS = 100
 BATCH = 64
 
 
-def run_both(mnist, torch_dtype, jax_dtype):
+def run_both(mnist, torch_dtype, jax_dtype, layers):
     plan = plan_epoch(0, 1, len(mnist.train_labels), BATCH, SEED.augmentation).head(STEPS * BATCH)
     batches = list(train_batches(plan, mnist.train_images, mnist.train_labels))
     rng = np.random.default_rng(11)
@@ -55,7 +60,7 @@ def run_both(mnist, torch_dtype, jax_dtype):
         torch_losses.append(loss.item())
     scheduler.step()
 
-    state = create_train_state(jax.random.key(0), SEED, steps_per_epoch=len(batches))
+    state = create_train_state(jax.random.key(0), SEED, steps_per_epoch=len(batches), layers=layers)
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
                           opt_state=state.tx.init(variables["params"]))
 
@@ -79,15 +84,15 @@ def relative_errors(ours, theirs):
     return {k: float(np.linalg.norm(ours[k] - v) / np.linalg.norm(v)) for k, v in theirs.items()}
 
 
-def test_100_steps_in_float64_agree_within_1e_9(mnist, float64):
-    ours, theirs, jax_losses, torch_losses = run_both(mnist, torch.float64, jnp.float64)
+def test_100_steps_in_float64_agree_within_1e_9(mnist, float64, layers):
+    ours, theirs, jax_losses, torch_losses = run_both(mnist, torch.float64, jnp.float64, layers)
     np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-9)
     for key, value in theirs.items():
         np.testing.assert_allclose(ours[key], value, rtol=1e-9, atol=1e-12 * np.abs(value).max(), err_msg=key)
 
 
-def test_100_steps_in_float32_drift_is_bounded(mnist, capsys):
-    ours, theirs, jax_losses, torch_losses = run_both(mnist, torch.float32, jnp.float32)
+def test_100_steps_in_float32_drift_is_bounded(mnist, capsys, layers):
+    ours, theirs, jax_losses, torch_losses = run_both(mnist, torch.float32, jnp.float32, layers)
     errors = relative_errors(ours, theirs)
     with capsys.disabled():
         worst = max(errors, key=errors.get)
@@ -95,7 +100,7 @@ def test_100_steps_in_float32_drift_is_bounded(mnist, capsys):
               f"{np.median(list(errors.values())):.1e} (relative to the tensor's norm); mean loss of the last 10 "
               f"steps {jax_losses[-10:].mean():.4f} (JAX) vs {torch_losses[-10:].mean():.4f} (PyTorch)")
     assert max(errors.values()) < 1.0
-    assert jax_losses[-10:].mean() == pytest.approx(torch_losses[-10:].mean(), rel=0.10)
+    assert jax_losses[-10:].mean() == pytest.approx(torch_losses[-10:].mean(), rel=0.30)
     assert jax_losses[:5].mean() > 2 * jax_losses[-10:].mean()  # both runs actually learned
 
 

@@ -1,0 +1,30 @@
+"""The CPUs a run may use, asked in a way every OS answers.
+
+Only Linux tells a process which cores it may run on and lets it choose them
+(`os.sched_getaffinity` / `os.sched_setaffinity`); macOS and Windows have neither call, so
+every use goes through here and has an answer for them too.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def usable_cpus() -> list[int] | None:
+    """The ids of the cores this process may run on (Linux); None where the OS does not say."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+
+def usable_cpu_count() -> int:
+    """How many cores this process may run on: its affinity on Linux, all cores elsewhere."""
+    cpus = usable_cpus()
+    return len(cpus) if cpus is not None else os.cpu_count() or 1
+
+
+def pin_to_cores(count: int) -> bool:
+    """Restrict this process to the first `count` of its cores; False where the OS cannot."""
+    set_affinity, cpus = getattr(os, "sched_setaffinity", None), usable_cpus()
+    if set_affinity is None or cpus is None:
+        return False
+    set_affinity(0, cpus[:count])
+    return True
