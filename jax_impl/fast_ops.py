@@ -169,25 +169,27 @@ def _batch_norm(x, scale, bias, epsilon):
     mean = x.mean(axes)
     var = jnp.square(x - mean).mean(axes)  # two passes, no cancellation (as PyTorch)
     inverse_std = lax.rsqrt(var + epsilon)
-    x_hat = (x - mean) * inverse_std
-    return (x_hat * scale + bias, mean, var), x_hat, inverse_std
+    return ((x - mean) * (inverse_std * scale) + bias, mean, var), mean, inverse_std
 
 
 @batch_norm_train.defjvp
 def _batch_norm_tangent(epsilon, primals, tangents):
-    """The closed form: with x_hat the normalised input and a = scale / std (per channel),
-    y = x_hat * scale + bias has the tangent a * x' - a * mean(x') - x_hat * a * mean(x_hat * x')
-    + x_hat * scale' + bias'. The per-channel factors are applied after the means, so that the
-    transpose (the gradient) sums the output's gradient g only as sum(g) and sum(x_hat * g),
-    which the scale and bias gradients need too: two reductions and one elementwise pass."""
+    """The closed form: with x_hat = (x - mean) / std the normalised input and a = scale / std,
+    y = x_hat * scale + bias has the tangent
+        a * x' - a * mean(x') - x_hat * a * mean(x_hat * x') + x_hat * scale' + bias'.
+    It is written with x itself as the only full-size factor (x_hat * c = x * c / std - mean * c
+    / std for per-channel c), so that reverse mode keeps no normalised copy of x, and with the
+    per-channel factors applied after the means, so that its transpose, the gradient, sums the
+    output's gradient g only as sum(g) and sum(x * g): two reductions and one elementwise pass."""
     (x, scale, bias), (x_dot, scale_dot, bias_dot) = primals, tangents
     axes = tuple(range(x.ndim - 1))
-    outputs, x_hat, inverse_std = _batch_norm(x, scale, bias, epsilon)
+    outputs, mean, inverse_std = _batch_norm(x, scale, bias, epsilon)
     a = scale * inverse_std
     mean_dot = x_dot.mean(axes)
-    projection = (x_hat * x_dot).mean(axes)
-    y_dot = a * x_dot - a * mean_dot - x_hat * (a * projection) + x_hat * scale_dot + bias_dot
-    return outputs, (y_dot, mean_dot, 2 * projection / inverse_std)
+    centred_moment_dot = (x * x_dot).mean(axes) - mean * mean_dot  # mean((x - mean) * x')
+    x_hat_coefficient = inverse_std * (scale_dot - a * inverse_std * centred_moment_dot)
+    y_dot = a * x_dot + x * x_hat_coefficient + (bias_dot - a * mean_dot - mean * x_hat_coefficient)
+    return outputs, (y_dot, mean_dot, 2 * centred_moment_dot)
 
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
