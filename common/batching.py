@@ -36,11 +36,10 @@ class EpochPlan:
     batch_size: int
     crop_size: int
 
-    def batch_slices(self, max_batches: int | None = None) -> list[slice]:
+    def batch_slices(self) -> list[slice]:
         """Consecutive slices of `batch_size`; the last one is shorter (no example is dropped)."""
         count = len(self.order)
-        slices = [slice(s, min(s + self.batch_size, count)) for s in range(0, count, self.batch_size)]
-        return slices[:max_batches]
+        return [slice(s, min(s + self.batch_size, count)) for s in range(0, count, self.batch_size)]
 
     def head(self, count: int) -> EpochPlan:
         """The first `count` positions only (for --dry-run)."""
@@ -67,10 +66,8 @@ def plan_epoch(
     return EpochPlan(order, crop, angles, shifts, batch_size, augmentation.crop_size)
 
 
-def train_batches(
-    plan: EpochPlan, images: np.ndarray, labels: np.ndarray, max_batches: int | None = None
-) -> Iterator[Batch]:
+def train_batches(plan: EpochPlan, images: np.ndarray, labels: np.ndarray) -> Iterator[Batch]:
     """Augmented, normalised training batches of one epoch, in the plan's order."""
-    for positions in plan.batch_slices(max_batches):
+    for positions in plan.batch_slices():
         pixels = plan.augmented_pixels(images, positions)
         yield Batch(normalize(pixels), labels[plan.order[positions]].astype(np.int64))

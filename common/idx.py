@@ -19,8 +19,9 @@ def idx_magic(ndim: int) -> int:
     return (_UINT8_TYPE_CODE << 8) | ndim
 
 
-def parse_idx(payload: bytes, expected_shape: tuple[int, ...], source: str) -> np.ndarray:
-    """Return the uint8 array stored in `payload`, checking magic number, dimensions and size."""
+def parse_idx(payload: bytes, expected_shape: tuple[int | None, ...], source: str) -> np.ndarray:
+    """Return the uint8 array stored in `payload`, checking magic number, dimensions and size.
+    A dimension given as None in `expected_shape` may have any size."""
     ndim = len(expected_shape)
     header_size = 4 + 4 * ndim
     if len(payload) < header_size:
@@ -37,9 +38,10 @@ def parse_idx(payload: bytes, expected_shape: tuple[int, ...], source: str) -> n
     shape = tuple(
         int.from_bytes(payload[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)
     )
-    if shape != tuple(expected_shape):
+    if any(expected is not None and expected != size for expected, size in zip(expected_shape, shape, strict=True)):
         raise DataError(
-            f"{source}: IDX header gives dimensions {shape}, expected {tuple(expected_shape)}."
+            f"{source}: IDX header gives dimensions {shape}, expected "
+            f"{tuple('any' if d is None else d for d in expected_shape)}."
         )
     expected_size = header_size + int(np.prod(shape))
     if len(payload) != expected_size:

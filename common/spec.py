@@ -57,8 +57,6 @@ LAYER_TABLE: tuple[LayerRow, ...] = (
 )
 
 TOTAL_PARAMS = 4328
-# Two running statistics (mean, variance) per channel of the five BatchNorm layers.
-BATCHNORM_BUFFER_VALUES = 128
 
 
 def format_layer_table(rows: tuple[LayerRow, ...] | list[LayerRow]) -> str:

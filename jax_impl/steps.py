@@ -1,8 +1,9 @@
 """The pure functions of training: state creation, one SGD step, evaluation.
 
 Everything here is a function of its arguments: parameters, BatchNorm statistics and the
-optimiser state travel in `TrainState`, randomness in an explicit key. `train_step` is
-compiled once per batch shape and donates the incoming state, so XLA updates it in place.
+optimiser state travel in `TrainState`, randomness in an explicit key. The epoch runners of
+jax_impl.epochs compile `train_step` once per batch shape and donate the incoming state, so
+XLA updates it in place.
 """
 
 from __future__ import annotations
@@ -101,8 +102,3 @@ def eval_step(state: TrainState, images: jax.Array) -> jax.Array:
     log_probs = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images, train=False)
     chex.assert_shape(log_probs, (images.shape[0], NUM_CLASSES))
     return log_probs
-
-
-jit_train_step = jax.jit(train_step, donate_argnums=0)
-jit_eval_step = jax.jit(eval_step)
-

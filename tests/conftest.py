@@ -1,26 +1,51 @@
-"""Shared fixtures. Tests that need the real MNIST files run whenever $MNIST_DATA_DIR is set
-(CI always sets it); without it they are reported as skipped, with the reason."""
+"""Shared fixtures: the synthetic MNIST that every data-using test reads, and the real files for
+the few tests of facts of the official data.
+
+The synthetic files are written once per session into a temporary directory, which is named in
+$MNIST_UNVERIFIED_TEST_DIR for the session (subprocesses inherit it): the project's reader then
+reads that directory, and only that one, without the checksum check. The real files come from
+$MNIST_DATA_DIR (CI always sets it). Without it, their tests are reported as skipped with the
+reason, and with CI=true any skipped test fails the run (tests/no_silent_skips.py).
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from common.mnist import DATA_DIR_ENV, Mnist, load_mnist
+from common.mnist import DATA_DIR_ENV, UNVERIFIED_TEST_DIR_ENV, Mnist, load_mnist
+from tests.synthetic_mnist import write_synthetic_mnist
+
+pytest_plugins = ["tests.no_silent_skips"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def mnist_dir() -> Path:
+def synthetic_dir(tmp_path_factory) -> Iterator[Path]:
+    """A directory holding the synthetic MNIST as four gzipped IDX files."""
+    directory = write_synthetic_mnist(tmp_path_factory.mktemp("synthetic-mnist"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(UNVERIFIED_TEST_DIR_ENV, str(directory))
+        yield directory
+
+
+@pytest.fixture(scope="session")
+def synthetic_mnist(synthetic_dir: Path) -> Mnist:
+    return load_mnist(synthetic_dir, download=False)
+
+
+@pytest.fixture(scope="session")
+def real_mnist_dir() -> Path:
     value = os.environ.get(DATA_DIR_ENV)
     if not value:
-        pytest.skip(f"needs the real MNIST files: set {DATA_DIR_ENV}")
+        pytest.skip(f"a fact of the official MNIST files: set {DATA_DIR_ENV} to a directory holding them")
     return Path(value)
 
 
 @pytest.fixture(scope="session")
-def mnist(mnist_dir: Path) -> Mnist:
-    return load_mnist(mnist_dir, download=False)
+def real_mnist(real_mnist_dir: Path) -> Mnist:
+    return load_mnist(real_mnist_dir, download=False)

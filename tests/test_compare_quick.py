@@ -26,10 +26,10 @@ def numbers(value):
             yield from numbers(item)
 
 
-def test_quick_comparison_writes_a_complete_report(tmp_path, mnist_dir):
+def test_quick_comparison_writes_a_complete_report(tmp_path, synthetic_dir):
     out = tmp_path / "results"
     result = subprocess.run(
-        [sys.executable, "benchmarks/compare.py", "--quick", "--out", str(out), "--data-dir", str(mnist_dir)],
+        [sys.executable, "benchmarks/compare.py", "--quick", "--out", str(out), "--data-dir", str(synthetic_dir)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]

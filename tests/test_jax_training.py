@@ -6,6 +6,8 @@ import ast
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 from common.batching import plan_epoch
-from common.cli import build_parser
+from common.cli import DRY_RUN_TRAIN_BATCHES
 from common.errors import CheckpointError
 from common.metrics import read_metrics
 from common.progress import EpochProgress
@@ -26,11 +28,13 @@ from jax_impl import augment
 from jax_impl.epochs import LoopEpoch, ScanEpoch
 from jax_impl.fast_layers import FAST_LAYERS
 from jax_impl.schedules import learning_rate_schedule
-from jax_impl.steps import create_train_state, jit_eval_step, jit_train_step
+from jax_impl.steps import create_train_state, eval_step, train_step
 from jax_impl.train import FRAMEWORK
-from jax_impl.trainer import JaxTrainer, read_checkpoint
+from jax_impl.trainer import JaxTrainer, read_checkpoint, read_weights
 
 REPO = Path(__file__).resolve().parent.parent
+jit_train_step = jax.jit(train_step)
+jit_eval_step = jax.jit(eval_step)
 
 
 def small_batch(seed=0, count=32):
@@ -74,10 +78,10 @@ def test_step_schedule_is_steplr_per_epoch():
         assert float(schedule(step)) == pytest.approx(expected, rel=1e-6)  # float32 schedule
 
 
-def test_device_augmentation_is_bit_identical_to_the_core(mnist):
-    plan = plan_epoch(0, 1, len(mnist.train_labels), 512, SEED.augmentation)
+def test_device_augmentation_is_bit_identical_to_the_core(synthetic_mnist):
+    plan = plan_epoch(0, 1, len(synthetic_mnist.train_labels), 512, SEED.augmentation)
     positions = slice(0, 512)
-    images = mnist.train_images[plan.order[positions]]
+    images = synthetic_mnist.train_images[plan.order[positions]]
     # Force crops on half of the batch so both paths are exercised.
     crop = plan.crop[positions] | (np.arange(512) % 2 == 0)
     source = plan.source_index(positions)
@@ -87,12 +91,12 @@ def test_device_augmentation_is_bit_identical_to_the_core(mnist):
     np.testing.assert_array_equal(np.asarray(augment.normalize(device)), core_normalize(expected))
 
 
-def test_scan_epoch_and_step_loop_train_the_same(mnist):
+def test_scan_epoch_and_step_loop_train_the_same(synthetic_mnist):
     """The two epoch runners see the same batches, draws and masks. In float64 (weights and
     statistics; the inputs are exact float32 values) they differ only by the order of float
     reductions inside and outside `scan`: 1e-9 relative after 4 steps leaves room for the
     growth of 1e-16 rounding differences through training, and catches any real difference."""
-    plan = plan_epoch(0, 1, len(mnist.train_labels), 64, SEED.augmentation).head(64 * 3 + 40)
+    plan = plan_epoch(0, 1, len(synthetic_mnist.train_labels), 64, SEED.augmentation).head(64 * 3 + 40)
     device = jax.devices("cpu")[0]
     key = jax.random.key(9)
     results = []
@@ -103,7 +107,7 @@ def test_scan_epoch_and_step_loop_train_the_same(mnist):
             state = state.replace(params=_to_float64(state.params), batch_stats=_to_float64(state.batch_stats),
                                   opt_state=_to_float64(state.opt_state))
             progress = EpochProgress(1, 1, len(plan.order), enabled=False)
-            state = runner(state, key, [plan], mnist.train_images, mnist.train_labels, [progress])
+            state = runner(state, key, [plan], synthetic_mnist.train_images, synthetic_mnist.train_labels, [progress])
             results.append((state, progress.loss, progress.correct))
     finally:
         jax.config.update("jax_enable_x64", False)
@@ -127,9 +131,9 @@ def train(args, data_dir, framework=FRAMEWORK) -> int:
 
 
 @pytest.fixture(scope="module")
-def dry_run(tmp_path_factory, mnist_dir):
+def dry_run(tmp_path_factory, synthetic_dir):
     out = tmp_path_factory.mktemp("runs") / "dry"
-    assert train(["--dry-run", "--out", str(out), "--save-model"], mnist_dir) == 0
+    assert train(["--dry-run", "--out", str(out), "--save-model"], synthetic_dir) == 0
     return out
 
 
@@ -147,9 +151,9 @@ def test_dry_run_writes_the_same_artefacts_as_torch_ref(dry_run):
     assert config["ops"] == "auto" and config["framework"]["ops"] == "fast"  # auto on the CPU
 
 
-def test_ops_flag_picks_the_layers_and_config_records_them(tmp_path, mnist_dir):
+def test_ops_flag_picks_the_layers_and_config_records_them(tmp_path, synthetic_dir):
     out = tmp_path / "plain"
-    assert train(["--dry-run", "--ops", "plain", "--out", str(out)], mnist_dir) == 0
+    assert train(["--dry-run", "--ops", "plain", "--out", str(out)], synthetic_dir) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["ops"] == "plain" and config["framework"]["ops"] == "plain"
 
@@ -161,33 +165,45 @@ def without_affinity_calls(monkeypatch):
     monkeypatch.delattr(os, "sched_setaffinity", raising=False)
 
 
-def test_dry_run_works_without_linux_affinity_calls(without_affinity_calls, tmp_path, mnist_dir):
+def test_dry_run_works_without_linux_affinity_calls(without_affinity_calls, tmp_path, synthetic_dir):
     out = tmp_path / "portable"
-    assert train(["--dry-run", "--out", str(out)], mnist_dir) == 0
+    assert train(["--dry-run", "--out", str(out)], synthetic_dir) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["framework"]["threads"] == os.cpu_count()
 
 
-def test_threads_says_where_it_cannot_work(without_affinity_calls, tmp_path, mnist_dir, capsys):
+def test_threads_says_where_it_cannot_work(without_affinity_calls, tmp_path, synthetic_dir, capsys):
     out = tmp_path / "threads"
-    assert train(["--dry-run", "--threads", "1", "--out", str(out)], mnist_dir) == 2
+    assert train(["--dry-run", "--threads", "1", "--out", str(out)], synthetic_dir) == 2
     assert "only Linux lets a program choose them" in capsys.readouterr().err
     assert not (out / "checkpoint.msgpack").exists()
 
 
-def test_checkpoint_round_trip(dry_run, mnist):
+def test_checkpoint_restores_the_run_into_a_trainer_seeded_otherwise(dry_run, synthetic_mnist):
+    """A trainer built with another seed holds other weights until it restores the checkpoint;
+    then it holds the run's: its predictions equal those of the run's model.msgpack (written by
+    --save-model from the trainer that ran), its step counts the run's steps, and its momentum
+    buffers are the checkpoint's."""
     meta, payload = read_checkpoint(dry_run / "checkpoint.msgpack")
     assert meta["epoch"] == 2
-    config = TrainerConfig(SEED, seed=5, device="cpu", threads=None, steps_per_epoch=4)
-    first, second = JaxTrainer(config), JaxTrainer(config)
-    first.restore(payload)
-    second.restore(read_checkpoint(dry_run / "checkpoint.msgpack")[1])
-    assert int(first.state.step) == 8
-    images = core_normalize(mnist.test_images[:100])
-    np.testing.assert_array_equal(first.predict(images, 50), second.predict(images, 50))
+    config = TrainerConfig(BEST, seed=5, device="cpu", threads=None, steps_per_epoch=3)
+    images = core_normalize(synthetic_mnist.test_images[:100])
+    trainer = JaxTrainer(config)
+    before = trainer.predict(images, 50)
+    trainer.restore(payload)
+    restored = trainer.predict(images, 50)
+    run_weights = JaxTrainer(config)
+    run_weights.load_weights(read_weights(dry_run / "model.msgpack"))
+    assert not np.allclose(before, restored, atol=1e-3)
+    np.testing.assert_array_equal(restored, run_weights.predict(images, 50))
+    assert int(trainer.state.step) == 2 * DRY_RUN_TRAIN_BATCHES  # two dry-run epochs (4 x 128 of the 640 images)
+    saved_momentum = jax.tree_util.tree_leaves(payload["state"]["opt_state"])
+    assert saved_momentum and all(np.abs(leaf).sum() > 0 for leaf in saved_momentum if np.ndim(leaf))
+    for ours, saved in zip(jax.tree_util.tree_leaves(trainer.state.opt_state), saved_momentum, strict=True):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(saved))
 
 
-def test_resume_continues_exactly_where_an_interrupted_run_stopped(tmp_path, mnist_dir, dry_run):
+def test_resume_continues_exactly_where_an_interrupted_run_stopped(tmp_path, synthetic_dir, dry_run):
     class StopsAfterOneEpoch(JaxTrainer):
         epochs_run = 0
 
@@ -198,36 +214,45 @@ def test_resume_continues_exactly_where_an_interrupted_run_stopped(tmp_path, mni
             super().train_epoch(*args)
 
     out = tmp_path / "interrupted"
-    assert train(["--dry-run", "--out", str(out)], mnist_dir,
+    assert train(["--dry-run", "--out", str(out)], synthetic_dir,
                  dataclasses.replace(FRAMEWORK, create_trainer=StopsAfterOneEpoch)) == 130
-    assert train(["--dry-run", "--resume", str(out)], mnist_dir) == 0
+    assert train(["--dry-run", "--resume", str(out)], synthetic_dir) == 0
     resumed, uninterrupted = read_metrics(out / "metrics.jsonl"), read_metrics(dry_run / "metrics.jsonl")
     assert [(r.train_loss, r.test_loss, r.test_accuracy) for r in resumed] == \
         [(r.train_loss, r.test_loss, r.test_accuracy) for r in uninterrupted]
 
 
-def test_truncated_checkpoint_is_reported_and_left_alone(dry_run, tmp_path, mnist_dir, capsys):
+def test_truncated_checkpoint_is_reported_and_left_alone(dry_run, tmp_path, synthetic_dir, capsys):
     broken = tmp_path / "checkpoint.msgpack"
     broken.write_bytes((dry_run / "checkpoint.msgpack").read_bytes()[:3000])
     with pytest.raises(CheckpointError, match="truncated"):
         read_checkpoint(broken)
-    assert train(["--resume", str(broken)], mnist_dir) == 2
+    assert train(["--resume", str(broken)], synthetic_dir) == 2
     assert "cannot be read as a JAX checkpoint" in capsys.readouterr().err
     assert len(broken.read_bytes()) == 3000
 
 
-def test_a_torch_checkpoint_is_not_taken_for_a_jax_one(tmp_path, mnist_dir, capsys):
+def test_a_torch_checkpoint_is_not_taken_for_a_jax_one(tmp_path, synthetic_dir, capsys):
     (tmp_path / "checkpoint.msgpack").write_bytes(b"PK\x03\x04 not msgpack")
-    assert train(["--resume", str(tmp_path)], mnist_dir) == 2
+    assert train(["--resume", str(tmp_path)], synthetic_dir) == 2
     assert "cannot be read as a JAX checkpoint" in capsys.readouterr().err
 
 
-def test_help_equals_torch_ref_flag_for_flag():
-    def flags(framework, module):
-        parser = build_parser(framework, module)
-        return [(a.option_strings, a.default, a.choices, a.help) for a in parser._actions]
+def help_text(module: str) -> str:
+    """What a user sees for `python -m <module> --help`, with whitespace normalised (line
+    wrapping depends on the length of the program's name)."""
+    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "COLUMNS": "100"}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return " ".join(result.stdout.split())
 
-    assert flags("JAX", "jax_impl.train") == flags("PyTorch", "torch_ref.train")
+
+def test_help_equals_torch_ref_word_for_word():
+    """The two trainers' --help may differ only in the program's and the framework's names."""
+    ours = help_text("jax_impl.train")
+    theirs = help_text("torch_ref.train")
+    assert "--ops {auto,plain,fast}" in ours and "--resume PATH" in ours
+    assert ours.replace("jax_impl.train", "torch_ref.train").replace(" with JAX.", " with PyTorch.") == theirs
 
 
 def test_no_jax_impl_module_imports_torch():
@@ -244,7 +269,7 @@ def test_no_jax_impl_module_imports_torch():
 
 
 @pytest.mark.parametrize("vectorised", [True, False], ids=["vmap", "seed-by-seed"])
-def test_seed_group_follows_each_single_run(mnist, vectorised):
+def test_seed_group_follows_each_single_run(synthetic_mnist, vectorised):
     """Seed k of a seed group (JaxSeedGroup; vmapped, or seed by seed as on CPU) against a
     single run of seed k, 3 steps of 64 real images with dropout. float64, so that only the
     batching of the vmapped convolutions can reorder sums: 1e-9 relative, as for the two
@@ -256,24 +281,25 @@ def test_seed_group_follows_each_single_run(mnist, vectorised):
     config = TrainerConfig(SEED.with_overrides(batch_size=64), seed=0, device="cpu", threads=None, steps_per_epoch=3)
     jax.config.update("jax_enable_x64", True)
     try:
-        plans = [plan_epoch(seed, 1, len(mnist.train_labels), 64, SEED.augmentation).head(64 * 3) for seed in seeds]
+        count = len(synthetic_mnist.train_labels)
+        plans = [plan_epoch(seed, 1, count, 64, SEED.augmentation).head(64 * 3) for seed in seeds]
         group = JaxSeedGroup(config, seeds)
         group.epoch_runner = LoopEpoch(group.device, grouped=True, vectorised=vectorised)
         group.state = _to_float64_state(group.state)
         group_progress = [EpochProgress(1, 1, 192, enabled=False) for _ in seeds]
-        group.train_epoch(plans, mnist.train_images, mnist.train_labels, group_progress)
+        group.train_epoch(plans, synthetic_mnist.train_images, synthetic_mnist.train_labels, group_progress)
         for index, (seed, plan) in enumerate(zip(seeds, plans, strict=True)):
             single = JaxTrainer(dataclasses.replace(config, seed=seed))
             single.state = _to_float64_state(single.state)
             progress = EpochProgress(1, 1, 192, enabled=False)
-            single.train_epoch(plan, mnist.train_images, mnist.train_labels, progress)
+            single.train_epoch(plan, synthetic_mnist.train_images, synthetic_mnist.train_labels, progress)
             assert group_progress[index].loss == pytest.approx(progress.loss, rel=1e-9)
             assert group_progress[index].correct == progress.correct
             ours = jax.tree_util.tree_map(lambda leaf, i=index: leaf[i], (group.state.params, group.state.batch_stats))
             for a, b in zip(jax.tree_util.tree_leaves(ours),
                             jax.tree_util.tree_leaves((single.state.params, single.state.batch_stats)), strict=True):
                 np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
-        images = core_normalize(mnist.test_images[:50])
+        images = core_normalize(synthetic_mnist.test_images[:50])
         np.testing.assert_allclose(group.predict(images, 25)[1], single.predict(images, 25), rtol=1e-9, atol=1e-12)
     finally:
         jax.config.update("jax_enable_x64", False)
@@ -284,9 +310,9 @@ def _to_float64_state(state):
                          opt_state=_to_float64(state.opt_state))
 
 
-def test_seeds_flag_writes_one_run_per_seed_and_a_summary(tmp_path, mnist_dir):
+def test_seeds_flag_writes_one_run_per_seed_and_a_summary(tmp_path, synthetic_dir):
     out = tmp_path / "group"
-    assert train(["--dry-run", "--seeds", "0,2", "--out", str(out)], mnist_dir) == 0
+    assert train(["--dry-run", "--seeds", "0,2", "--out", str(out)], synthetic_dir) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seeds"] == [0, 2] and len(summary["final_accuracy"]) == 2
     for seed in (0, 2):

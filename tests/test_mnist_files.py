@@ -128,33 +128,81 @@ def test_download_with_wrong_checksum_never_replaces_the_destination(file_server
     assert sorted(p.name for p in destination.parent.iterdir()) == ["bad.gz"]
 
 
-def test_load_mnist_downloads_missing_files(file_server, tmp_path, monkeypatch, mnist_dir):
-    served, url = file_server
+@pytest.fixture
+def synthetic_file_table(synthetic_dir, monkeypatch) -> dict[str, bytes]:
+    """Make the synthetic files the "official" ones: the reader's file table gets their shapes
+    and checksums, so that downloading and verifying can be tested on them. Returns the gzipped
+    bytes of each file by name."""
+    table, payloads = [], {}
     for spec in MNIST_FILES:
-        (served / f"{spec.name}.gz").write_bytes((mnist_dir / f"{spec.name}.gz").read_bytes())
+        gz_bytes = (synthetic_dir / f"{spec.name}.gz").read_bytes()
+        raw = gzip.decompress(gz_bytes)
+        shape = parse_idx(raw, (None, *spec.shape[1:]), spec.name).shape
+        table.append(mnist.MnistFile(spec.name, shape, hashlib.sha256(gz_bytes).hexdigest(),
+                                     hashlib.sha256(raw).hexdigest()))
+        payloads[spec.name] = gz_bytes
+    monkeypatch.setattr(mnist, "MNIST_FILES", tuple(table))
+    return payloads
+
+
+def test_load_mnist_downloads_missing_files(file_server, tmp_path, monkeypatch, synthetic_file_table,
+                                            synthetic_mnist):
+    served, url = file_server
+    for name, payload in synthetic_file_table.items():
+        (served / f"{name}.gz").write_bytes(payload)
     monkeypatch.setattr(mnist, "MIRRORS", (url,))
     data = load_mnist(tmp_path / "fresh")
-    assert data.train_images.shape == (60000, 28, 28)
+    for ours, reference in zip(data, synthetic_mnist, strict=True):
+        np.testing.assert_array_equal(ours, reference)
     assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == sorted(f"{s.name}.gz" for s in MNIST_FILES)
 
 
-def test_real_files_read_and_verify(mnist):
-    assert mnist.train_images.shape == (60000, 28, 28) and mnist.train_images.dtype == np.uint8
-    assert mnist.test_images.shape == (10000, 28, 28)
-    assert mnist.train_labels.shape == (60000,) and mnist.test_labels.shape == (10000,)
-    # Known facts of the official files (shared/data/mnist/README.md).
-    assert np.bincount(mnist.train_labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
-    assert mnist.train_images.mean() / 255 == pytest.approx(0.1306604762738429, abs=1e-12)
-
-
-def test_uncompressed_copy_reads_the_same(mnist_dir, tmp_path, mnist):
+def test_uncompressed_torchvision_layout_reads_the_same(tmp_path, synthetic_file_table, synthetic_mnist):
     raw_dir = tmp_path / "MNIST" / "raw"
     raw_dir.mkdir(parents=True)
-    for spec in MNIST_FILES:
-        (raw_dir / spec.name).write_bytes(gzip.decompress((mnist_dir / f"{spec.name}.gz").read_bytes()))
+    for name, payload in synthetic_file_table.items():
+        (raw_dir / name).write_bytes(gzip.decompress(payload))
     data = load_mnist(tmp_path, download=False)
-    for ours, reference in zip(data, mnist, strict=True):
+    for ours, reference in zip(data, synthetic_mnist, strict=True):
         np.testing.assert_array_equal(ours, reference)
+
+
+def test_only_the_synthetic_directory_skips_verification(synthetic_dir, tmp_path, monkeypatch):
+    """The test-only switch names one directory: a copy of the same files anywhere else is
+    checked against the official checksums and refused, and nothing is downloaded into the
+    synthetic directory."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in synthetic_dir.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(DataError, match="IDX header gives dimensions"):
+        load_mnist(copy, download=False)
+    monkeypatch.setenv(mnist.UNVERIFIED_TEST_DIR_ENV, str(copy))
+    assert len(load_mnist(copy, download=False).train_labels) == 640
+    (copy / "t10k-labels-idx1-ubyte.gz").unlink()
+    monkeypatch.setattr(mnist, "MIRRORS", ("http://127.0.0.1:9/",))
+    with pytest.raises(DataError, match="downloading is disabled"):
+        load_mnist(copy)
+
+
+def test_real_files_read_and_verify(real_mnist):
+    assert real_mnist.train_images.shape == (60000, 28, 28) and real_mnist.train_images.dtype == np.uint8
+    assert real_mnist.test_images.shape == (10000, 28, 28)
+    assert real_mnist.train_labels.shape == (60000,) and real_mnist.test_labels.shape == (10000,)
+    # Known facts of the official files: label counts, and the mean pixel behind Normalize(0.1307, ...).
+    assert np.bincount(real_mnist.train_labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851,
+                                                            5949]
+    assert real_mnist.train_images.mean() / 255 == pytest.approx(0.1306604762738429, abs=1e-12)
+
+
+def test_real_files_have_the_official_checksums(real_mnist_dir):
+    """The file table's SHA-256 values, against the files themselves, in whichever accepted
+    layout and compression the directory holds them."""
+    for spec in MNIST_FILES:
+        path = find_file(real_mnist_dir, spec)
+        assert path is not None, f"{spec.name} is not in {real_mnist_dir}"
+        expected = spec.gz_sha256 if path.suffix == ".gz" else spec.raw_sha256
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == expected, path
 
 
 def test_missing_file_without_download_names_the_flags(tmp_path):
@@ -168,11 +216,6 @@ def test_data_dir_flag_beats_environment(monkeypatch, tmp_path):
     assert mnist.resolve_data_dir(tmp_path / "flag") == tmp_path / "flag"
     monkeypatch.delenv("MNIST_DATA_DIR")
     assert mnist.resolve_data_dir(None) == mnist.DEFAULT_DATA_DIR
-
-
-def test_file_table_matches_shared_checksums(mnist_dir):
-    sums = dict(line.split()[::-1] for line in (mnist_dir / "SHA256SUMS").read_text().splitlines() if line)
-    assert {f"{s.name}.gz": s.gz_sha256 for s in MNIST_FILES} == sums
 
 
 def test_parse_returns_exact_values():

@@ -23,9 +23,9 @@ def train(args, data_dir, framework=FRAMEWORK) -> int:
 
 
 @pytest.fixture(scope="module")
-def dry_run(tmp_path_factory, mnist_dir):
+def dry_run(tmp_path_factory, synthetic_dir):
     out = tmp_path_factory.mktemp("runs") / "dry"
-    assert train(["--dry-run", "--out", str(out), "--save-model"], mnist_dir) == 0
+    assert train(["--dry-run", "--out", str(out), "--save-model"], synthetic_dir) == 0
     return out
 
 
@@ -46,28 +46,42 @@ def test_dry_run_writes_every_artefact(dry_run):
     assert config["recipe"]["name"] == "best" and config["seed"] == 0 and config["dry_run"] is True
 
 
-def test_checkpoint_round_trip_gives_identical_predictions(dry_run, mnist):
+def test_checkpoint_restores_the_run_into_a_trainer_seeded_otherwise(dry_run, synthetic_mnist):
+    """A trainer built with another seed holds other weights until it restores the checkpoint;
+    then it holds the run's: its predictions equal those of the run's model.pt (written by
+    --save-model from the trainer that ran), its momentum buffers are the checkpoint's, and its
+    schedule continues where the run stopped (still warming up, past the last logged epoch's
+    lr), not at a fresh trainer's starting lr."""
+    import torch
+
     meta, state = read_checkpoint(dry_run / "checkpoint.pt")
     assert meta["epoch"] == 2 and len(meta["history"]) == 2
-    first = TorchTrainer(TrainerConfig(BEST, seed=1, device="cpu", threads=1, steps_per_epoch=4))
-    first.restore(state)
-    second = TorchTrainer(TrainerConfig(BEST, seed=2, device="cpu", threads=1, steps_per_epoch=4))
-    second.restore(read_checkpoint(dry_run / "checkpoint.pt")[1])
-    images = (mnist.test_images[:100] / 255.0).astype(np.float32)
-    np.testing.assert_array_equal(first.predict(images, 50), second.predict(images, 50))
-    # The schedule comes back where it stopped: still warming up, past the last logged epoch's lr,
-    # not at the fresh trainer's starting lr.
-    assert first.learning_rate() == second.learning_rate() > meta["history"][-1]["lr"]
-    assert first.learning_rate() > BEST.lr / BEST.schedule.div_factor
+    config = TrainerConfig(BEST, seed=5, device="cpu", threads=1, steps_per_epoch=3)
+    images = (synthetic_mnist.test_images[:100] / 255.0).astype(np.float32)
+    trainer = TorchTrainer(config)
+    before = trainer.predict(images, 50)
+    trainer.restore(read_checkpoint(dry_run / "checkpoint.pt")[1])
+    restored = trainer.predict(images, 50)
+    run_weights = TorchTrainer(config)
+    run_weights.load_weights(torch.load(dry_run / "model.pt", weights_only=True))
+    assert not np.allclose(before, restored, atol=1e-3)
+    np.testing.assert_array_equal(restored, run_weights.predict(images, 50))
+    # One buffer per parameter: 6 convolution kernels, 5 BatchNorm weights and 5 biases.
+    saved_buffers = [entry["momentum_buffer"] for entry in state["optimizer"]["state"].values()]
+    ours = [trainer.optimizer.state[p]["momentum_buffer"] for p in trainer.model.parameters()]
+    assert len(ours) == len(saved_buffers) == 16 and all(buffer.abs().sum() > 0 for buffer in saved_buffers)
+    for mine, saved in zip(ours, saved_buffers, strict=True):
+        assert torch.equal(mine, saved)
+    assert trainer.learning_rate() > meta["history"][-1]["lr"] > BEST.lr / BEST.schedule.div_factor
 
 
-def test_fast_ops_is_channels_last_with_the_same_predictions(dry_run, mnist):
+def test_fast_ops_is_channels_last_with_the_same_predictions(dry_run, synthetic_mnist):
     """--ops fast: the same weights in channels_last memory; float64 so that the two layouts'
     different summation orders leave ~1e-15, and 1e-12 proves the same function."""
     import torch
 
     _, state = read_checkpoint(dry_run / "checkpoint.pt")
-    images = (mnist.test_images[:64] / 255.0).astype(np.float64)
+    images = (synthetic_mnist.test_images[:64] / 255.0).astype(np.float64)
     outputs = {}
     for ops in ("plain", "fast"):
         trainer = TorchTrainer(TrainerConfig(BEST, seed=0, device="cpu", threads=1, steps_per_epoch=4, ops=ops))
@@ -88,7 +102,7 @@ def test_saved_model_loads_into_the_original_architecture(dry_run):
     Net().load_state_dict(torch.load(dry_run / "model.pt", weights_only=True), strict=True)
 
 
-def test_resume_continues_exactly_where_an_interrupted_run_stopped(tmp_path, mnist_dir, dry_run):
+def test_resume_continues_exactly_where_an_interrupted_run_stopped(tmp_path, synthetic_dir, dry_run):
     class StopsAfterOneEpoch(TorchTrainer):
         epochs_run = 0
 
@@ -100,40 +114,40 @@ def test_resume_continues_exactly_where_an_interrupted_run_stopped(tmp_path, mni
 
     out = tmp_path / "interrupted"
     interrupted = dataclasses.replace(FRAMEWORK, create_trainer=StopsAfterOneEpoch)
-    assert train(["--dry-run", "--out", str(out)], mnist_dir, interrupted) == 130
+    assert train(["--dry-run", "--out", str(out)], synthetic_dir, interrupted) == 130
     assert [r.epoch for r in read_metrics(out / "metrics.jsonl")] == [1]
-    assert train(["--dry-run", "--resume", str(out)], mnist_dir) == 0
+    assert train(["--dry-run", "--resume", str(out)], synthetic_dir) == 0
     resumed, uninterrupted = read_metrics(out / "metrics.jsonl"), read_metrics(dry_run / "metrics.jsonl")
     # Same batches, weights, optimizer state and dropout RNG: the same numbers (timings aside).
     assert [(r.train_loss, r.test_loss, r.test_accuracy) for r in resumed] == \
         [(r.train_loss, r.test_loss, r.test_accuracy) for r in uninterrupted]
 
 
-def test_resume_refuses_a_different_recipe(dry_run, mnist_dir, capsys):
-    assert train(["--resume", str(dry_run), "--lr", "0.1"], mnist_dir) == 2
+def test_resume_refuses_a_different_recipe(dry_run, synthetic_dir, capsys):
+    assert train(["--resume", str(dry_run), "--lr", "0.1"], synthetic_dir) == 2
     assert "--lr 0.1 (checkpoint: 0.2)" in capsys.readouterr().err
 
 
-def test_existing_checkpoint_is_never_overwritten(dry_run, mnist_dir, capsys):
+def test_existing_checkpoint_is_never_overwritten(dry_run, synthetic_dir, capsys):
     before = (dry_run / "checkpoint.pt").read_bytes()
-    assert train(["--dry-run", "--out", str(dry_run)], mnist_dir) == 2
+    assert train(["--dry-run", "--out", str(dry_run)], synthetic_dir) == 2
     assert "already holds a checkpoint" in capsys.readouterr().err
     assert (dry_run / "checkpoint.pt").read_bytes() == before
 
 
-def test_truncated_checkpoint_gives_a_clear_error_and_stays_as_it_is(dry_run, tmp_path, mnist_dir, capsys):
+def test_truncated_checkpoint_gives_a_clear_error_and_stays_as_it_is(dry_run, tmp_path, synthetic_dir, capsys):
     broken = tmp_path / "checkpoint.pt"
     broken.write_bytes((dry_run / "checkpoint.pt").read_bytes()[:5000])
     with pytest.raises(CheckpointError, match="truncated"):
         read_checkpoint(broken)
-    assert train(["--resume", str(broken)], mnist_dir) == 2
+    assert train(["--resume", str(broken)], synthetic_dir) == 2
     assert "cannot be read as a PyTorch checkpoint" in capsys.readouterr().err
     assert len(broken.read_bytes()) == 5000
 
 
-def test_diverging_loss_stops_with_a_clear_error(tmp_path, mnist_dir, capsys):
+def test_diverging_loss_stops_with_a_clear_error(tmp_path, synthetic_dir, capsys):
     out = tmp_path / "diverged"
-    assert train(["--dry-run", "--lr", "1e30", "--out", str(out)], mnist_dir) == 2
+    assert train(["--dry-run", "--lr", "1e30", "--out", str(out)], synthetic_dir) == 2
     assert "the training loss became nan" in capsys.readouterr().err.lower()
     assert not (out / "checkpoint.pt").exists()
 
@@ -170,7 +184,7 @@ def test_help_explains_every_flag():
     assert all(len(action.help) > 20 for action in options.values())
 
 
-def test_device_augmentation_is_bit_identical_to_the_core(mnist):
+def test_device_augmentation_is_bit_identical_to_the_core(synthetic_mnist):
     """torch_ref.augment (used when MNIST is resident on a GPU), run here on CPU tensors."""
     import torch
 
@@ -179,9 +193,9 @@ def test_device_augmentation_is_bit_identical_to_the_core(mnist):
     from common.transforms import normalize
     from torch_ref import augment
 
-    plan = plan_epoch(0, 1, len(mnist.train_labels), 512, SEED.augmentation)
+    plan = plan_epoch(0, 1, len(synthetic_mnist.train_labels), 512, SEED.augmentation)
     positions = slice(0, 512)
-    images = mnist.train_images[plan.order[positions]]
+    images = synthetic_mnist.train_images[plan.order[positions]]
     crop = plan.crop[positions] | (np.arange(512) % 2 == 0)  # both paths exercised
     source = plan.source_index(positions)
     expected = core_augment(images, crop, source, 22)
@@ -190,7 +204,7 @@ def test_device_augmentation_is_bit_identical_to_the_core(mnist):
     np.testing.assert_array_equal(augment.normalize(ours).numpy(), normalize(expected))
 
 
-def test_gpu_resident_batches_equal_host_batches(mnist):
+def test_gpu_resident_batches_equal_host_batches(synthetic_mnist):
     """The GPU path's batches (device-resident data, device augmentation), run on CPU tensors,
     are exactly the host pipeline's."""
     import torch
@@ -198,31 +212,31 @@ def test_gpu_resident_batches_equal_host_batches(mnist):
     from common.batching import plan_epoch
 
     trainer = TorchTrainer(TrainerConfig(SEED, seed=0, device="cpu", threads=1, steps_per_epoch=3))
-    plan = plan_epoch(0, 1, len(mnist.train_labels), 100, SEED.augmentation).head(250)
-    host = list(trainer._host_batches(plan, mnist.train_images, mnist.train_labels))
-    resident = list(trainer._resident_batches(plan, mnist.train_images, mnist.train_labels))
+    plan = plan_epoch(0, 1, len(synthetic_mnist.train_labels), 100, SEED.augmentation).head(250)
+    host = list(trainer._host_batches(plan, synthetic_mnist.train_images, synthetic_mnist.train_labels))
+    resident = list(trainer._resident_batches(plan, synthetic_mnist.train_images, synthetic_mnist.train_labels))
     assert len(host) == len(resident) == 3
     for (host_x, host_y), (dev_x, dev_y) in zip(host, resident, strict=True):
         assert torch.equal(host_x, dev_x) and torch.equal(host_y, dev_y)
 
 
-def test_seeds_run_one_after_another_with_a_summary(tmp_path, mnist_dir):
+def test_seeds_run_one_after_another_with_a_summary(tmp_path, synthetic_dir):
     out = tmp_path / "seeds"
-    assert train(["--dry-run", "--seeds", "1,2", "--validation", "--out", str(out)], mnist_dir) == 0
+    assert train(["--dry-run", "--seeds", "1,2", "--validation", "--out", str(out)], synthetic_dir) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seeds"] == [1, 2] and summary["evaluated_on"] == "validation"
     assert [read_checkpoint(out / f"seed{s}" / "checkpoint.pt")[0]["settings"]["seed"] for s in (1, 2)] == [1, 2]
 
 
-def test_seeds_and_resume_do_not_mix(dry_run, mnist_dir, capsys):
-    assert train(["--seeds", "0,1", "--resume", str(dry_run)], mnist_dir) == 2
+def test_seeds_and_resume_do_not_mix(dry_run, synthetic_dir, capsys):
+    assert train(["--seeds", "0,1", "--resume", str(dry_run)], synthetic_dir) == 2
     assert "cannot be combined" in capsys.readouterr().err
 
 
-def test_validation_split_holds_out_the_last_5000_training_images(mnist):
+def test_validation_split_holds_out_the_last_training_images(synthetic_mnist):
     from common.mnist import validation_split
 
-    split = validation_split(mnist)
-    assert len(split.train_labels) == 55000 and len(split.test_labels) == 5000
-    np.testing.assert_array_equal(split.test_images, mnist.train_images[55000:])
-    np.testing.assert_array_equal(split.train_labels, mnist.train_labels[:55000])
+    split = validation_split(synthetic_mnist, size=100)
+    assert len(split.train_labels) == 540 and len(split.test_labels) == 100
+    np.testing.assert_array_equal(split.test_images, synthetic_mnist.train_images[540:])
+    np.testing.assert_array_equal(split.train_labels, synthetic_mnist.train_labels[:540])

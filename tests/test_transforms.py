@@ -43,12 +43,12 @@ def test_rotation_fills_corners_with_zero():
     assert (rotation_source_index(np.array([45.0])) == FILL_INDEX).any()
 
 
-def test_rotation_agrees_with_pil_up_to_its_fixed_point_coordinates(mnist):
+def test_rotation_agrees_with_pil_up_to_its_fixed_point_coordinates(synthetic_mnist):
     # PIL's nearest-neighbour affine transform computes source coordinates in fixed point, ours
     # in float64; the floor can differ only where a coordinate lies within PIL's fixed-point
     # resolution of an integer. Check that every disagreement is such a boundary case (within
     # 1e-3 of an integer) and that they are rare (measured: 26 of 1,568,000 pixels).
-    images = mnist.train_images[:2000]
+    images = synthetic_mnist.train_images[:2000]
     angles = np.random.default_rng(1).uniform(-15, 15, len(images))
     ours = rotate(images, rotation_source_index(angles))
     pil = np.stack([np.asarray(Image.fromarray(im).rotate(a, resample=Image.NEAREST, fillcolor=0))
@@ -63,10 +63,10 @@ def test_rotation_agrees_with_pil_up_to_its_fixed_point_coordinates(mnist):
     assert (distance < 1e-3).all()
 
 
-def test_crop_resize_agrees_with_pil_within_one_grey_level(mnist):
+def test_crop_resize_agrees_with_pil_within_one_grey_level(synthetic_mnist):
     # PIL rounds its bilinear weights to its own fixed point (and we to 2**-14), so results may
     # differ by one grey level where the exact value is close to a half; never by more.
-    images = mnist.train_images[:500]
+    images = synthetic_mnist.train_images[:500]
     pil = np.stack([np.asarray(Image.fromarray(im).crop((3, 3, 25, 25)).resize((28, 28), Image.BILINEAR))
                     for im in images])
     assert np.abs(resize_crop(images, 22).astype(int) - pil).max() <= 1
@@ -81,24 +81,24 @@ def test_crop_resize_weights_are_exact_fixed_point():
     assert rows.min() == 3 and rows.max() == 24 and cols.min() == 3 and cols.max() == 24
 
 
-def test_same_seed_gives_same_pixels_other_seed_other_pixels(mnist):
+def test_same_seed_gives_same_pixels_other_seed_other_pixels(synthetic_mnist):
     def first_batch(seed):
-        plan = plan_epoch(seed, 1, len(mnist.train_labels), 256, SEED.augmentation)
-        return plan.augmented_pixels(mnist.train_images, slice(0, 256))
+        plan = plan_epoch(seed, 1, len(synthetic_mnist.train_labels), 256, SEED.augmentation)
+        return plan.augmented_pixels(synthetic_mnist.train_images, slice(0, 256))
 
     np.testing.assert_array_equal(first_batch(7), first_batch(7))
     assert not np.array_equal(first_batch(7), first_batch(8))
 
 
-def test_augmented_values_stay_in_range(mnist):
-    plan = plan_epoch(0, 1, len(mnist.train_labels), 512, SEED.augmentation)
-    pixels = plan.augmented_pixels(mnist.train_images, slice(0, 512))
+def test_augmented_values_stay_in_range(synthetic_mnist):
+    plan = plan_epoch(0, 1, len(synthetic_mnist.train_labels), 512, SEED.augmentation)
+    pixels = plan.augmented_pixels(synthetic_mnist.train_images, slice(0, 512))
     assert pixels.dtype == np.uint8
     inputs = normalize(pixels)
     assert inputs.dtype == np.float32
     assert inputs.min() >= (0 - NORMALIZE_MEAN) / NORMALIZE_STD - 1e-6
     assert inputs.max() <= (1 - NORMALIZE_MEAN) / NORMALIZE_STD + 1e-6
-    assert (pixels > 0).mean() == pytest.approx((mnist.train_images[:512] > 0).mean(), abs=0.03)
+    assert (pixels > 0).mean() == pytest.approx((synthetic_mnist.train_images[:512] > 0).mean(), abs=0.03)
 
 
 def test_crop_probability_and_angle_range():

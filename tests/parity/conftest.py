@@ -27,11 +27,11 @@ def float64():
 
 
 @pytest.fixture(scope="session")
-def test_images(mnist) -> np.ndarray:
-    """The first 256 real test images, normalised, (N, 1, 28, 28) float32."""
+def synthetic_images(synthetic_mnist) -> np.ndarray:
+    """The first 256 synthetic training images, normalised, (N, 1, 28, 28) float32."""
     from common.transforms import normalize
 
-    return normalize(mnist.test_images[:256])[:, None]
+    return normalize(synthetic_mnist.train_images[:256])[:, None]
 
 
 @pytest.fixture(autouse=True)

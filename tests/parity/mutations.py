@@ -20,6 +20,7 @@ import sys
 import types
 from pathlib import Path
 
+import jax
 import optax
 from flax import linen
 
@@ -94,9 +95,49 @@ def steplr_per_step() -> None:
     schedules.learning_rate_schedule = per_step
 
 
+def decoupled_weight_decay() -> None:
+    """Weight decay added after the momentum buffer (decoupled, AdamW-style) instead of to the
+    gradient before it, as torch.optim.SGD does."""
+    from jax_impl import schedules
+
+    def make_optimizer(recipe, steps_per_epoch):
+        momentum = [optax.trace(decay=recipe.momentum, nesterov=recipe.nesterov)] if recipe.momentum else []
+        return optax.chain(*momentum, optax.add_decayed_weights(recipe.weight_decay),
+                           optax.scale_by_learning_rate(schedules.learning_rate_schedule(recipe, steps_per_epoch)))
+
+    schedules.make_optimizer = make_optimizer
+
+
+def log_softmax_over_batch() -> None:
+    """log_softmax over axis 0 (the batch) instead of the classes, as a port of F.log_softmax(x,
+    dim=0) or a transposed layout would."""
+    from jax_impl import model
+
+    model.nn = _flax_namespace(log_softmax=lambda x, axis=-1: linen.log_softmax(x, axis=0))
+
+
+def loss_summed_over_batch() -> None:
+    """The loss summed over the batch instead of averaged (reduction "sum" for PyTorch's "mean")."""
+    from jax_impl import steps
+
+    mean_loss = steps.nll_loss
+    steps.nll_loss = lambda log_probs, labels, label_smoothing=0.0: (
+        mean_loss(log_probs, labels, label_smoothing) * labels.shape[0])
+
+
+def dropout_key_reused() -> None:
+    """The same dropout key at every step (the step number never folded in), so every training
+    step drops the same activations."""
+    from jax_impl import steps
+
+    random = types.SimpleNamespace(**{**vars(jax.random), "fold_in": lambda key, data: key})
+    steps.jax = types.SimpleNamespace(**{**vars(jax), "random": random})
+
+
 MUTATIONS = {function.__name__: function for function in (
     flax_batchnorm_momentum, biased_running_variance, same_padding, batchnorm_before_relu,
-    channel_wise_dropout, kernel_transposed_wrong, steplr_per_step)}
+    channel_wise_dropout, kernel_transposed_wrong, steplr_per_step, decoupled_weight_decay,
+    log_softmax_over_batch, loss_summed_over_batch, dropout_key_reused)}
 
 
 def apply_from_environment() -> None:

@@ -42,10 +42,10 @@ def precision(request):
 
 @pytest.mark.parametrize("batch", [1, 7, 256])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "jit"])
-def test_eval_forward_matches(test_images, precision, batch, compiled, layers):
+def test_eval_forward_matches(synthetic_images, precision, batch, compiled, layers):
     torch_dtype, jax_dtype, tolerance = precision
     model = torch_model(dtype=torch_dtype).eval()
-    images = test_images[:batch]
+    images = synthetic_images[:batch]
     with torch.no_grad():
         expected = model(torch.as_tensor(images, dtype=torch_dtype)).numpy()
     variables = flax_variables(model, jax_dtype)
@@ -56,12 +56,12 @@ def test_eval_forward_matches(test_images, precision, batch, compiled, layers):
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "jit"])
 def test_train_forward_with_the_same_masks_matches_and_updates_the_same_statistics(
-        test_images, precision, compiled, layers):
+        synthetic_images, precision, compiled, layers):
     """Batch statistics, injected dropout masks, and the running statistics after the step:
     a biased running variance in JAX would be off by n/(n-1) = 1.0002 (bn5: 1.0016 at batch 32)."""
     torch_dtype, jax_dtype, tolerance = precision
     model = torch_model(dtype=torch_dtype).train()
-    images = test_images[:32]
+    images = synthetic_images[:32]
     masks = dropout_masks(np.random.default_rng(0), len(images))
     variables = flax_variables(model, jax_dtype)  # before the step changes the statistics
     with torch_masks(model, masks), torch.no_grad():
@@ -79,10 +79,10 @@ def test_train_forward_with_the_same_masks_matches_and_updates_the_same_statisti
                                    rtol=tolerance, atol=tolerance)
 
 
-def test_masks_matter(test_images):
+def test_masks_matter(synthetic_images):
     """Guard for the test above: other masks give other outputs, so agreement is not vacuous."""
     model = torch_model().train()
-    images = torch.as_tensor(test_images[:8])
+    images = torch.as_tensor(synthetic_images[:8])
     outputs = []
     for seed in (0, 1):
         with torch_masks(model, dropout_masks(np.random.default_rng(seed), 8)), torch.no_grad():

@@ -1,6 +1,6 @@
 """(d) Gradients of the training loss with respect to every parameter.
 
-Train mode (batch statistics) with the same injected dropout masks, 64 real images.
+Train mode (batch statistics) with the same injected dropout masks, 64 synthetic images.
 float64: only the order of reductions differs; gradients agree to ~1e-14 relative, and the
 required 1e-10 (relative to each tensor's norm) leaves four orders of magnitude.
 float32: the gradients of this model are themselves only accurate to ~1e-4 of their norm in
@@ -54,7 +54,8 @@ def flax_gradients(variables, images, labels, masks, compiled, label_smoothing, 
 @pytest.mark.parametrize("dtype_name, relative", [("float32", 1e-3), ("float64", 1e-10)])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1], ids=["nll", "smoothed"])
-def test_parameter_gradients_match(test_images, mnist, dtype_name, relative, compiled, label_smoothing, layers):
+def test_parameter_gradients_match(synthetic_images, synthetic_mnist, dtype_name, relative, compiled, label_smoothing,
+                                   layers):
     if dtype_name == "float64":
         jax.config.update("jax_enable_x64", True)
     try:
@@ -62,8 +63,8 @@ def test_parameter_gradients_match(test_images, mnist, dtype_name, relative, com
                                   "float64": (torch.float64, jnp.float64)}[dtype_name]
         model = torch_model(seed=5, dtype=torch_dtype)
         variables = flax_variables(model, jax_dtype)
-        images = test_images[:64]
-        labels = mnist.test_labels[:64].astype(np.int64)
+        images = synthetic_images[:64]
+        labels = synthetic_mnist.train_labels[:64].astype(np.int64)
         masks = dropout_masks(np.random.default_rng(3), 64)
         expected_loss, expected = torch_gradients(model, torch.as_tensor(images, dtype=torch_dtype),
                                                   torch.as_tensor(labels), masks, label_smoothing)

@@ -59,25 +59,39 @@ def test_seed_schedule_decays_after_epoch_10_in_float32():
     assert expected[235 * 10 - 1] == 0.04 and expected[235 * 10] == 0.04 * 0.1
 
 
-def test_sgd_momentum_updates_match_over_three_steps(float64):
-    """torch.optim.SGD(momentum) and the project's optax optimiser: same parameters after three
-    updates with different gradients (the momentum buffer matters from the second on)."""
+SGD_VARIANTS = {
+    "momentum": {"momentum": 0.9},
+    "nesterov": {"momentum": 0.9, "nesterov": True},
+    "weight-decay": {"momentum": 0.9, "weight_decay": 5e-4},
+    "nesterov+weight-decay": {"momentum": 0.9, "nesterov": True, "weight_decay": 5e-3},
+    "no-momentum+weight-decay": {"momentum": 0.0, "weight_decay": 5e-3},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(SGD_VARIANTS))
+def test_sgd_updates_match_torch_at_every_step(variant, float64):
+    """torch.optim.SGD and the project's optax optimiser (jax_impl.schedules.make_optimizer),
+    built from the same recipe fields, step by step: after each of five updates with different
+    gradients the parameters agree. PyTorch adds weight decay to the gradient before the
+    momentum buffer (coupled, not AdamW-style decoupled), and its Nesterov step is
+    gradient + momentum * buffer; optax must do the same. Weight decay 5e-3 in the last variants
+    so that it moves the parameters by far more than the tolerance. float64 and a few
+    multiply-adds per element: agreement to a few ulps, 1e-14 relative."""
     rng = np.random.default_rng(0)
     start = rng.normal(size=(4, 3))
-    grads = [rng.normal(size=(4, 3)) for _ in range(3)]
-    recipe = SEED.with_overrides(lr=0.05, momentum=0.9)
+    grads = [rng.normal(size=(4, 3)) for _ in range(5)]
+    recipe = SEED.with_overrides(lr=0.05, **SGD_VARIANTS[variant])
 
     parameter = torch.tensor(start, requires_grad=True)
-    optimizer = torch.optim.SGD([parameter], lr=recipe.lr, momentum=recipe.momentum)
-    for grad in grads:
-        parameter.grad = torch.tensor(grad)
-        optimizer.step()
-
+    optimizer = torch.optim.SGD([parameter], lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov,
+                                weight_decay=recipe.weight_decay)
     tx = make_optimizer(recipe, steps_per_epoch=100)
     params = jnp.asarray(start)
     opt_state = tx.init(params)
     for grad in grads:
+        parameter.grad = torch.tensor(grad)
+        optimizer.step()
         updates, opt_state = tx.update(jnp.asarray(grad), opt_state, params)
         params = optax.apply_updates(params, updates)
-    # float64 and three multiply-adds per element: agreement to a few ulps.
-    np.testing.assert_allclose(np.asarray(params), parameter.detach().numpy(), rtol=1e-14, atol=1e-15)
+        np.testing.assert_allclose(np.asarray(params), parameter.detach().numpy(), rtol=1e-14, atol=1e-15)
+    assert not np.allclose(np.asarray(params), start - recipe.lr * sum(grads), rtol=1e-6)  # not plain SGD

@@ -1,25 +1,28 @@
-"""(f) 100 consecutive training steps on real batches from the shared pipeline, same masks.
+"""(f) 100 consecutive training steps on batches of the synthetic MNIST from the shared
+pipeline (ten epochs of its 640 images), with the same dropout masks.
 
 float64: both frameworks start from the same weights, see the same augmented batches and the
 same dropout masks, and apply SGD with momentum 0.9 at lr 0.04. Only reduction order differs
-(~1e-16 per operation); training amplifies such differences slowly over 100 steps (measured:
-~1e-12 relative), so 1e-9 relative is a real bound.
-float32: the weights decorrelate quickly. Measured (largest difference over all tensors,
-relative to the tensor's norm): JAX vs PyTorch 7.6e-2 after 10 steps, 0.42 after 30, 0.55
-after 100; but PyTorch float32 against PyTorch float64 is just as far (7.5e-2, 0.54, 0.83), so
-this is float32 training itself, not a difference between the frameworks: rounding flips ReLU
-and max-pool decisions near ties, and each flip moves a gradient by a discrete amount. The
-float32 test therefore bounds it loosely: every tensor within its own norm (nothing diverged or
-blew up) and the mean training loss of the last 10 steps within 30%. Two float32 runs are two
-samples of the same training, and that loss varies between samples: measured for PyTorch alone,
-float64 and float32 and four float32 runs whose initial weights were scaled by 1 + 1e-6 noise,
-0.258 to 0.297 (standard deviation 0.015, 5.5%); JAX float32 gave 0.292 (plain layers) and
-0.283 (fast), PyTorch float32 unperturbed 0.264. The difference of two samples then has a
-standard deviation of about 8%, and 30% is four of them (the earlier bound, 10%, was little more
-than one, and failed on the plain layers' sample). The float64 test above is the precise check.
+(~1e-16 per operation); training amplifies such differences slowly over 100 steps, so 1e-9
+relative is a real bound.
+float32: the weights decorrelate. Measured after 100 steps (largest and median difference over
+all tensors, relative to the tensor's norm): JAX vs PyTorch 0.32-0.47 and 0.07-0.08; but
+PyTorch float32 runs whose initial weights were scaled by 1 + 1e-6 noise differ from the
+float64 run just as much (0.36-0.50 and 0.11-0.16), so this is float32 training itself, not a
+difference between the frameworks: rounding flips ReLU and max-pool decisions near ties, and
+each flip moves a gradient by a discrete amount. The float32 test therefore bounds it loosely:
+every tensor within its own norm (nothing diverged or blew up), and the mean training loss of
+the last 50 steps within 30%. Two float32 runs are two samples of the same training, and that
+statistic varies between samples. Measured over the unperturbed run and six runs with 1e-6
+noise each: PyTorch 0.0441-0.0481 (float64: 0.0441), JAX plain layers 0.0455-0.0542, fast
+layers 0.0455-0.0516; the unperturbed runs give 0.0447 (PyTorch), 0.0509 (plain) and 0.0479
+(fast). The difference of a PyTorch and a JAX sample has a standard deviation of about 7.6% of
+the mean, and 30% is four of them. The float64 test above is the precise check.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +31,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.batching import plan_epoch, train_batches
+from common.batching import Batch, plan_epoch, train_batches
+from common.mnist import Mnist
 from common.recipes import SEED
 from jax_impl.convert import flax_to_torch
 from jax_impl.steps import create_train_state, train_step
@@ -39,9 +43,15 @@ STEPS = 100
 BATCH = 64
 
 
-def run_both(mnist, torch_dtype, jax_dtype, layers):
-    plan = plan_epoch(0, 1, len(mnist.train_labels), BATCH, SEED.augmentation).head(STEPS * BATCH)
-    batches = list(train_batches(plan, mnist.train_images, mnist.train_labels))
+def shared_batches(data: Mnist) -> list[Batch]:
+    """The first STEPS batches of a seed-0 run, over as many epochs as they take."""
+    epochs = math.ceil(STEPS * BATCH / len(data.train_labels))
+    plans = [plan_epoch(0, epoch, len(data.train_labels), BATCH, SEED.augmentation) for epoch in range(1, epochs + 1)]
+    return [batch for plan in plans for batch in train_batches(plan, data.train_images, data.train_labels)][:STEPS]
+
+
+def run_both(data: Mnist, torch_dtype, jax_dtype, layers):
+    batches = shared_batches(data)
     rng = np.random.default_rng(11)
     masks = [dropout_masks(rng, BATCH) for _ in range(STEPS)]
 
@@ -84,24 +94,24 @@ def relative_errors(ours, theirs):
     return {k: float(np.linalg.norm(ours[k] - v) / np.linalg.norm(v)) for k, v in theirs.items()}
 
 
-def test_100_steps_in_float64_agree_within_1e_9(mnist, float64, layers):
-    ours, theirs, jax_losses, torch_losses = run_both(mnist, torch.float64, jnp.float64, layers)
+def test_100_steps_in_float64_agree_within_1e_9(synthetic_mnist, float64, layers):
+    ours, theirs, jax_losses, torch_losses = run_both(synthetic_mnist, torch.float64, jnp.float64, layers)
     np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-9)
     for key, value in theirs.items():
         np.testing.assert_allclose(ours[key], value, rtol=1e-9, atol=1e-12 * np.abs(value).max(), err_msg=key)
 
 
-def test_100_steps_in_float32_drift_is_bounded(mnist, capsys, layers):
-    ours, theirs, jax_losses, torch_losses = run_both(mnist, torch.float32, jnp.float32, layers)
+def test_100_steps_in_float32_drift_is_bounded(synthetic_mnist, capsys, layers):
+    ours, theirs, jax_losses, torch_losses = run_both(synthetic_mnist, torch.float32, jnp.float32, layers)
     errors = relative_errors(ours, theirs)
     with capsys.disabled():
         worst = max(errors, key=errors.get)
         print(f"\nfloat32 drift after {STEPS} steps: worst {worst} {errors[worst]:.1e}, median "
-              f"{np.median(list(errors.values())):.1e} (relative to the tensor's norm); mean loss of the last 10 "
-              f"steps {jax_losses[-10:].mean():.4f} (JAX) vs {torch_losses[-10:].mean():.4f} (PyTorch)")
+              f"{np.median(list(errors.values())):.1e} (relative to the tensor's norm); mean loss of the last 50 "
+              f"steps {jax_losses[-50:].mean():.4f} (JAX) vs {torch_losses[-50:].mean():.4f} (PyTorch)")
     assert max(errors.values()) < 1.0
-    assert jax_losses[-10:].mean() == pytest.approx(torch_losses[-10:].mean(), rel=0.30)
-    assert jax_losses[:5].mean() > 2 * jax_losses[-10:].mean()  # both runs actually learned
+    assert jax_losses[-50:].mean() == pytest.approx(torch_losses[-50:].mean(), rel=0.30)
+    assert jax_losses[:5].mean() > 10 * jax_losses[-50:].mean()  # learned: measured 2.29 -> 0.05
 
 
 @pytest.fixture(autouse=True)
