@@ -10,7 +10,7 @@ import argparse
 import math
 from collections.abc import Callable
 
-from common.mnist import DATA_DIR_ENV, DEFAULT_DATA_DIR, VALIDATION_SIZE
+from common.mnist import DATA_DIR_ENV, DEFAULT_DATA_DIR
 from common.recipes import DEFAULT_RECIPE, RECIPES
 
 DEVICES = ("auto", "cpu", "gpu")
@@ -53,8 +53,9 @@ def build_parser(framework: str, module: str) -> argparse.ArgumentParser:
                              "all seeds in one compiled program, vmapped over the stacked training states, or "
                              "seed by seed within it on CPU; PyTorch: one after another)")
     parser.add_argument("--validation", action="store_true",
-                        help=f"train on the first 55,000 training images and evaluate on the last "
-                             f"{VALIDATION_SIZE:,} instead of the test set (to choose recipes honestly)")
+                        help="train on the first 55,000 training images and evaluate on the last 5,000 "
+                             "(the last twelfth of any training set) instead of the test set (to choose "
+                             "recipes honestly)")
     parser.add_argument("--seed", type=_non_negative_int, default=None, metavar="S",
                         help="seed of the weights, the shuffle, the augmentation and dropout "
                              "(default: 0)")

@@ -81,12 +81,15 @@ class Mnist(NamedTuple):
     test_labels: np.ndarray
 
 
-VALIDATION_SIZE = 5000
+# The last twelfth of the training images: 5,000 of MNIST's 60,000.
+VALIDATION_FRACTION = 1 / 12
 
 
-def validation_split(data: Mnist, size: int = VALIDATION_SIZE) -> Mnist:
-    """The first 55,000 training images to train on and the last `size` as the evaluation set,
-    in place of the test set: recipes are chosen on this split, never on the test images."""
+def validation_split(data: Mnist, fraction: float = VALIDATION_FRACTION) -> Mnist:
+    """The training images but the last `fraction` to train on, and that last part as the
+    evaluation set in place of the test set (MNIST: 55,000 and 5,000): recipes are chosen on
+    this split, never on the test images."""
+    size = round(len(data.train_labels) * fraction)
     return Mnist(data.train_images[:-size], data.train_labels[:-size],
                  data.train_images[-size:], data.train_labels[-size:])
 

@@ -1,9 +1,9 @@
 """A small synthetic MNIST, written as the four IDX files, so that a bare clone can run every
 test that needs data only in order to have data.
 
-Each image is a seven-segment digit drawn with anti-aliased strokes at a random position,
-size, slant and stroke width, plus faint noise: deterministic for a given seed, in MNIST's
-format (28x28 uint8, white digit on black), different enough between classes that the model
+Each image is a seven-segment digit drawn with anti-aliased strokes of uneven intensity at a
+random position, size, slant and stroke width: deterministic for a given seed, in MNIST's
+format (28x28 uint8, a white digit on a background of exact zeros), different enough between classes that the model
 learns it within a few dozen steps, and varied enough within a class that it cannot be
 memorised from one example. The files are read by the project's own reader; only the
 checksum check and the official image counts are switched off for their directory
@@ -54,8 +54,8 @@ def draw_digit(label: int, rng: np.random.Generator) -> np.ndarray:
             ends.append(np.array([left + u * width + slant * (0.5 - v) * height, top + v * height]))
         distance = np.minimum(distance, _distance_to_segment(x, y, *ends))
     ink = np.clip(stroke + 0.5 - distance, 0, 1)  # one pixel of anti-aliased edge
-    noise = rng.uniform(0, 0.08, (28, 28))
-    return np.round(255 * np.clip(ink * rng.uniform(0.8, 1.0) + noise * (ink == 0), 0, 1)).astype(np.uint8)
+    grain = rng.uniform(0.85, 1.0, (28, 28))  # uneven ink; the background stays exactly 0, as in MNIST
+    return np.round(255 * ink * grain * rng.uniform(0.85, 1.0)).astype(np.uint8)
 
 
 def make_split(count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -233,10 +233,12 @@ def test_seeds_and_resume_do_not_mix(dry_run, synthetic_dir, capsys):
     assert "cannot be combined" in capsys.readouterr().err
 
 
-def test_validation_split_holds_out_the_last_training_images(synthetic_mnist):
-    from common.mnist import validation_split
+def test_validation_split_holds_out_the_last_twelfth_of_the_training_images(synthetic_mnist):
+    from common.mnist import Mnist, validation_split
 
-    split = validation_split(synthetic_mnist, size=100)
-    assert len(split.train_labels) == 540 and len(split.test_labels) == 100
-    np.testing.assert_array_equal(split.test_images, synthetic_mnist.train_images[540:])
-    np.testing.assert_array_equal(split.train_labels, synthetic_mnist.train_labels[:540])
+    split = validation_split(synthetic_mnist)
+    assert len(split.train_labels) == 587 and len(split.test_labels) == 53  # 640 / 12 = 53.3
+    np.testing.assert_array_equal(split.test_images, synthetic_mnist.train_images[587:])
+    np.testing.assert_array_equal(split.train_labels, synthetic_mnist.train_labels[:587])
+    mnist_sized = Mnist(*(np.zeros((count, 1, 1)) for count in (60000, 60000, 10000, 10000)))
+    assert [len(part) for part in validation_split(mnist_sized)] == [55000, 55000, 5000, 5000]

@@ -5,19 +5,18 @@ float64: both frameworks start from the same weights, see the same augmented bat
 same dropout masks, and apply SGD with momentum 0.9 at lr 0.04. Only reduction order differs
 (~1e-16 per operation); training amplifies such differences slowly over 100 steps, so 1e-9
 relative is a real bound.
-float32: the weights decorrelate. Measured after 100 steps (largest and median difference over
-all tensors, relative to the tensor's norm): JAX vs PyTorch 0.32-0.47 and 0.07-0.08; but
-PyTorch float32 runs whose initial weights were scaled by 1 + 1e-6 noise differ from the
-float64 run just as much (0.36-0.50 and 0.11-0.16), so this is float32 training itself, not a
-difference between the frameworks: rounding flips ReLU and max-pool decisions near ties, and
-each flip moves a gradient by a discrete amount. The float32 test therefore bounds it loosely:
-every tensor within its own norm (nothing diverged or blew up), and the mean training loss of
-the last 50 steps within 30%. Two float32 runs are two samples of the same training, and that
-statistic varies between samples. Measured over the unperturbed run and six runs with 1e-6
-noise each: PyTorch 0.0441-0.0481 (float64: 0.0441), JAX plain layers 0.0455-0.0542, fast
-layers 0.0455-0.0516; the unperturbed runs give 0.0447 (PyTorch), 0.0509 (plain) and 0.0479
-(fast). The difference of a PyTorch and a JAX sample has a standard deviation of about 7.6% of
-the mean, and 30% is four of them. The float64 test above is the precise check.
+float32: the weights decorrelate. PyTorch float32 runs whose initial weights were scaled by
+1 + 1e-6 noise end up, after 100 steps, as far from the float64 run as JAX float32 is from
+PyTorch float32 (measured: parameters up to 0.33-0.40 of their tensor's norm, running
+variances up to 1.2, medians 0.08-0.14): this is float32 training itself, not a difference
+between the frameworks. Rounding flips ReLU and max-pool decisions near ties, and each flip
+moves a gradient by a discrete amount. The float32 test therefore checks what float32 runs
+share: every parameter within its own norm, finite running statistics with positive
+variances, and the mean training loss of the 100 steps (a sample of the same training; late
+steps vary most) within 5%. Measured over the unperturbed run and six runs with 1e-6 noise
+each: PyTorch 0.4161-0.4239 (float64: 0.4209), JAX plain layers 0.4194-0.4259, fast layers
+0.4184-0.4263; the difference of a PyTorch and a JAX sample has a standard deviation of about
+0.8%, and 5% is six of them. The float64 test above is the precise check.
 """
 
 from __future__ import annotations
@@ -104,14 +103,19 @@ def test_100_steps_in_float64_agree_within_1e_9(synthetic_mnist, float64, layers
 def test_100_steps_in_float32_drift_is_bounded(synthetic_mnist, capsys, layers):
     ours, theirs, jax_losses, torch_losses = run_both(synthetic_mnist, torch.float32, jnp.float32, layers)
     errors = relative_errors(ours, theirs)
+    parameters = {key: error for key, error in errors.items() if "running" not in key}
     with capsys.disabled():
-        worst = max(errors, key=errors.get)
-        print(f"\nfloat32 drift after {STEPS} steps: worst {worst} {errors[worst]:.1e}, median "
-              f"{np.median(list(errors.values())):.1e} (relative to the tensor's norm); mean loss of the last 50 "
-              f"steps {jax_losses[-50:].mean():.4f} (JAX) vs {torch_losses[-50:].mean():.4f} (PyTorch)")
-    assert max(errors.values()) < 1.0
-    assert jax_losses[-50:].mean() == pytest.approx(torch_losses[-50:].mean(), rel=0.30)
-    assert jax_losses[:5].mean() > 10 * jax_losses[-50:].mean()  # learned: measured 2.29 -> 0.05
+        worst = max(parameters, key=parameters.get)
+        print(f"\nfloat32 drift after {STEPS} steps: worst parameter {worst} {parameters[worst]:.1e}, median "
+              f"{np.median(list(errors.values())):.1e} (relative to the tensor's norm); mean loss of the "
+              f"{STEPS} steps {jax_losses.mean():.4f} (JAX) vs {torch_losses.mean():.4f} (PyTorch)")
+    assert max(parameters.values()) < 1.0
+    for key, value in ours.items():
+        assert np.isfinite(value).all(), key
+        if key.endswith("running_var"):
+            assert (value > 0).all(), key
+    assert jax_losses.mean() == pytest.approx(torch_losses.mean(), rel=0.05)
+    assert jax_losses[:5].mean() > 10 * jax_losses[-50:].mean()  # learned: measured 2.29 -> 0.04
 
 
 @pytest.fixture(autouse=True)
