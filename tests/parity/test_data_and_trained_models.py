@@ -60,7 +60,7 @@ def test_same_seed_feeds_identical_batches_to_both_trainers(synthetic_mnist, ops
 
 
 # Three epochs of batches of 32 on the synthetic MNIST: 60 steps, enough to classify its 160
-# test images (measured: 100% in both frameworks).
+# test images (measured: PyTorch 95.0%; JAX 99.4% with the plain layers, 96.9% with the fast).
 TRAINING = ["--epochs", "3", "--batch-size", "32"]
 
 
