@@ -170,7 +170,7 @@ def main() -> None:
     for name in args.only or MUTATIONS:
         failed, summary = failing_tests(name)
         shown = "<br>".join(f"`{test}`" for test in failed) or "**none: not caught**"
-        rows.append(f"| {MUTATIONS[name].__doc__.strip()} | {shown} | {summary} |")
+        rows.append(f"| {' '.join(MUTATIONS[name].__doc__.split())} | {shown} | {summary} |")
         print(rows[-1], flush=True)
     print("\n".join(rows))
 
