@@ -40,6 +40,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from common.batching import EpochPlan, plan_epoch  # noqa: E402
+from common.errors import UserFacingError  # noqa: E402
 from common.metrics import read_metrics  # noqa: E402
 from common.mnist import Mnist, load_mnist  # noqa: E402
 from common.progress import EpochProgress  # noqa: E402
@@ -387,17 +388,32 @@ def plots(report: dict, out: Path) -> None:
         plt.close(figure)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_list(text: str) -> list[int]:
+    return [_positive_int(part) for part in text.split(",")]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run under 2 minutes: 3 rounds, small chunks, "
                                                              "no torch.compile, memory at the first batch size only")
     parser.add_argument("--train", action="store_true", help="also train both frameworks fully with --recipe")
-    parser.add_argument("--batch-sizes", type=lambda s: [int(b) for b in s.split(",")], default=[128, 512],
+    parser.add_argument("--batch-sizes", type=_positive_list, default=[128, 512],
                         help="comma-separated batch sizes (default: 128,512)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per batch size (default 7; quick 3)")
-    parser.add_argument("--chunk-images", type=int, default=None,
+    parser.add_argument("--repeats", type=_positive_int, default=None,
+                        help="timed rounds per batch size (default 7; quick 3)")
+    parser.add_argument("--chunk-images", type=_positive_int, default=None,
                         help="images per timed chunk (default 8192; quick 1024)")
-    parser.add_argument("--eval-images", type=int, default=10000, help="test images per evaluation timing")
+    parser.add_argument("--eval-images", type=_positive_int, default=10000, help="test images per evaluation timing")
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe (default: {DEFAULT_RECIPE})")
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto", help="as for training")
     parser.add_argument("--data-dir", default=None, help="MNIST directory (default: $MNIST_DATA_DIR, else the cache)")
@@ -414,15 +430,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return compare(args)
+    except UserFacingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Everything but the argument parsing: bad data, recipes or --out end in UserFacingError."""
     enable_compilation_cache()
     if args.probe:
         run_probe(args)
         return 0
-    out = args.out or REPO / "benchmarks" / "results" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    data = load_mnist(args.data_dir)
     recipe = get_recipe(args.recipe)
+    data = load_mnist(args.data_dir)  # before --out exists, so that a data error leaves nothing behind
+    if max(args.batch_sizes) > len(data.train_labels):
+        raise UserFacingError(f"--batch-sizes {max(args.batch_sizes)} is larger than the {len(data.train_labels):,} "
+                              "training images; choose smaller batches.")
+    out = args.out or REPO / "benchmarks" / "results" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if out.exists() and not out.is_dir():
+        raise UserFacingError(f"--out {out} is a file; choose a directory for the results.")
+    out.mkdir(parents=True, exist_ok=True)
     chosen = variants(args.quick)
     sgemm = sgemm_gflops()
     sgemm["peak"] = max(sgemm.values())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -26,14 +27,16 @@ class DownloadFailed(Exception):
         self.offline = offline
 
 
-def download_verified(urls: list[str], destination: Path, sha256: str, timeout: float = 30.0) -> None:
-    """Put the first mirror's copy whose SHA-256 equals `sha256` at `destination`."""
+def download_verified(urls: list[str], destination: Path, sha256: str, timeout: float = 10.0) -> None:
+    """Put the first mirror's copy whose SHA-256 equals `sha256` at `destination`. `timeout`
+    bounds the connection and every read, so a host that never answers costs about that long."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.with_name(f".{destination.name}.{os.getpid()}.part")
     failures: list[str] = []
     reached_any = False
     try:
         for url in urls:
+            tqdm.write(f"downloading {url} (waiting at most {timeout:.0f} s for an answer)", file=sys.stderr)
             try:
                 actual = _stream_to_file(url, partial, destination.name, timeout)
             except urllib.error.HTTPError as error:
@@ -49,7 +52,8 @@ def download_verified(urls: list[str], destination: Path, sha256: str, timeout: 
                 return
             failures.append(f"{url}: SHA-256 {actual}, expected {sha256}")
     finally:
-        partial.unlink(missing_ok=True)
+        if partial.exists():  # (unlinking a file that was never created fails on a read-only disk)
+            partial.unlink()
     raise DownloadFailed("; ".join(failures), offline=not reached_any)
 
 

@@ -29,4 +29,4 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def write_json(path: Path, data: object) -> None:
     """Pretty-printed JSON, written atomically."""
-    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())

@@ -57,7 +57,7 @@ def evaluate_log_probs(log_probs: np.ndarray, labels: np.ndarray) -> Evaluation:
 
 def write_metrics(path: Path, history: list[EpochRecord]) -> None:
     """Write the whole history (rewritten each epoch, atomically, so it matches the checkpoint)."""
-    lines = "".join(json.dumps(dataclasses.asdict(record)) + "\n" for record in history)
+    lines = "".join(json.dumps(dataclasses.asdict(record), allow_nan=False) + "\n" for record in history)
     atomic_write_bytes(path, lines.encode())
 
 

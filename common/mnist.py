@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,9 @@ def read_mnist_file(path: Path, spec: MnistFile, verify: bool = True) -> np.ndar
 def load_mnist(data_dir: str | os.PathLike | None = None, download: bool = True) -> Mnist:
     """Read (downloading what is missing, if allowed) and verify the four MNIST files."""
     root = resolve_data_dir(data_dir)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"--data-dir / ${DATA_DIR_ENV} {root} is a file; point it at a directory (holding the "
+                        "MNIST files, or where they may be downloaded).")
     verify = not is_unverified_test_dir(root)
     arrays = []
     for spec in MNIST_FILES:
@@ -152,6 +156,7 @@ def load_mnist(data_dir: str | os.PathLike | None = None, download: bool = True)
         if path is None:
             if not download or not verify:
                 raise DataError(_missing_message(root, spec, "downloading is disabled"))
+            _check_writable(root, spec)
             path = root / (spec.name + ".gz")
             try:
                 download_verified([m + spec.name + ".gz" for m in MIRRORS], path, spec.gz_sha256)
@@ -163,6 +168,20 @@ def load_mnist(data_dir: str | os.PathLike | None = None, download: bool = True)
     if len(data.train_images) != len(data.train_labels) or len(data.test_images) != len(data.test_labels):
         raise DataError(f"{root}: the image and label files hold different numbers of examples.")
     return data
+
+
+def _check_writable(root: Path, spec: MnistFile) -> None:
+    """Refuse early, and say why, when a missing file could not be saved after its download."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as error:
+        raise DataError(
+            f"MNIST file {spec.name}[.gz] is not in {root}, and it cannot be downloaded there: the directory "
+            f"cannot be written ({error.strerror or error}). Put the four official MNIST files in it yourself, or "
+            f"pass a writable directory (or one holding the files) with --data-dir DIR or {DATA_DIR_ENV}=DIR."
+        ) from error
 
 
 def _missing_message(root: Path, spec: MnistFile, reason: str) -> str:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from common import cli
 from common.batching import EpochPlan, plan_epoch
-from common.errors import CheckpointError, UserFacingError
+from common.errors import CheckpointError, TrainingDivergedError, UserFacingError
 from common.files import atomic_write_bytes, write_json
 from common.metrics import EpochRecord, Evaluation, evaluate_log_probs, write_metrics
 from common.mnist import Mnist, load_mnist, resolve_data_dir, validation_split
@@ -32,7 +32,6 @@ from common.recipes import DEFAULT_RECIPE, Recipe, get_recipe, recipe_from_dict
 from common.report import markdown_report
 from common.transforms import normalize
 
-CHECKPOINT_FORMAT = 1
 GRID_IMAGES = 32
 
 
@@ -68,6 +67,9 @@ class Trainer(Protocol):
     def load_weights(self, weights: Any) -> None:
         """Replace the weights by those `Framework.read_weights` returned (for evaluation)."""
 
+    def state_is_finite(self) -> bool:
+        """Whether every weight and BatchNorm statistic is a finite number (checked before saving)."""
+
 
 @dataclass(frozen=True)
 class TrainerConfig:
@@ -100,6 +102,8 @@ class SeedGroupTrainer(Protocol):
         """Seed `index`'s state as a single run's checkpoint, so it can be resumed or evaluated alone."""
 
     def model_bytes(self, index: int) -> bytes: ...
+
+    def state_is_finite(self, index: int) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,9 @@ class _SingleSeed:
 
     def model_bytes(self, index: int) -> bytes:
         return self.trainer.model_bytes()
+
+    def state_is_finite(self, index: int) -> bool:
+        return self.trainer.state_is_finite()
 
 
 @dataclass(frozen=True)
@@ -235,6 +242,9 @@ def train(framework: Framework, runs: list[RunSettings],
     data = load_mnist(first.data_dir)
     if first.validation:
         data = validation_split(data)
+    if recipe.batch_size > len(data.train_labels):
+        raise UserFacingError(f"--batch-size {recipe.batch_size} is larger than the {len(data.train_labels):,} "
+                              "training images; choose at most that many.")
     evaluation_set = _evaluation_set(first, data)
     epochs = min(recipe.epochs, cli.DRY_RUN_EPOCHS) if first.dry_run else recipe.epochs
     config = TrainerConfig(recipe, first.seed, first.device, first.threads,
@@ -249,6 +259,9 @@ def train(framework: Framework, runs: list[RunSettings],
     logs = [RunLog(framework, run, trainer.describe(), evaluation_set) for run in runs]
     if resumed:
         logs[0].history = [EpochRecord(**record) for record in resumed[0]["history"]]
+        # The checkpoint is the truth: a run killed between its two writes may have lost the
+        # metrics line of the checkpointed epoch.
+        write_metrics(first.out / "metrics.jsonl", logs[0].history)
     _announce(framework, runs, trainer, len(logs[0].history), epochs)
 
     evaluations = None
@@ -270,6 +283,8 @@ def train(framework: Framework, runs: list[RunSettings],
         evaluations = [evaluate_log_probs(log_probs, evaluation_set.labels) for log_probs in predictions]
         eval_seconds = time.perf_counter() - started
         compile_seconds = trainer.compile_seconds() - compiled_before
+        for index, (log, evaluation) in enumerate(zip(logs, evaluations, strict=True)):
+            _refuse_non_finite(log, epoch, evaluation, trainer.state_is_finite(index))
         for index, (log, progress, evaluation) in enumerate(zip(logs, progresses, evaluations, strict=True)):
             record = EpochRecord(epoch, lr, progress.loss, progress.accuracy, evaluation.loss, evaluation.accuracy,
                                  epoch_seconds, eval_seconds, compile_seconds)
@@ -302,7 +317,7 @@ class RunLog:
     def end_epoch(self, record: EpochRecord, evaluation: Evaluation, checkpoint: Callable[[dict], bytes]) -> None:
         """Checkpoint first (atomically), then metrics and plots, then the console line."""
         self.history.append(record)
-        meta = {"format": CHECKPOINT_FORMAT, "framework": self.framework.name, "epoch": record.epoch,
+        meta = {"framework": self.framework.name, "epoch": record.epoch,
                 "settings": self.settings.to_dict(), "history": [dataclasses.asdict(r) for r in self.history]}
         out = self.settings.out
         atomic_write_bytes(out / self.framework.checkpoint_name, checkpoint(meta))
@@ -332,6 +347,19 @@ class RunLog:
 
     def _prefix(self) -> str:
         return f"[seed {self.settings.seed}] " if self.settings.out.name == f"seed{self.settings.seed}" else ""
+
+
+def _refuse_non_finite(log: RunLog, epoch: int, evaluation: Evaluation, state_is_finite: bool) -> None:
+    """Stop before anything of a diverged epoch is written: checkpoint, metrics and plots keep
+    the last good epoch."""
+    if not state_is_finite or not np.isfinite(evaluation.loss):
+        what = ("weights or BatchNorm statistics are" if not state_is_finite
+                else f"{log.evaluation_set.name.lower()} loss is")
+        raise TrainingDivergedError(
+            f"{log.settings.out}: after epoch {epoch} the {what} no longer finite. Training stopped "
+            f"and nothing of epoch {epoch} was saved; the checkpoint and metrics of the last completed epoch "
+            "are untouched. Lower --lr (or check the recipe) and start again."
+        )
 
 
 def _evaluation_set(settings: RunSettings, data: Mnist) -> EvaluationSet:
@@ -376,15 +404,30 @@ def _settings(framework: Framework, args: argparse.Namespace, resumed_meta: dict
         )
     if args.validation and not saved["validation"]:
         raise UserFacingError("--validation: the resumed run was evaluated on the test set; start a new run.")
+    if args.dry_run != saved["dry_run"]:
+        was, now = ("a dry run", "without --dry-run") if saved["dry_run"] else ("a full run", "with --dry-run")
+        raise UserFacingError(f"--resume: the checkpoint is from {was}, and resuming it {now} would mix "
+                              "short and full epochs. Resume it as it was started, or start a new run.")
     common["validation"] = saved["validation"]
-    out = Path(args.out) if args.out else Path(_checkpoint_path(framework, args.resume)).parent
+    run_dir = Path(_checkpoint_path(framework, args.resume)).parent
+    out = Path(args.out) if args.out else run_dir
+    if out.resolve() != run_dir.resolve():
+        _refuse_to_overwrite(framework, out)
     return RunSettings(recipe=recipe, seed=saved["seed"], out=out, **common)
 
 
+# What any run of either framework writes into its directory: a directory holding one of these
+# belongs to a run, and only --resume may write into it again.
+RUN_ARTEFACTS = ("config.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.msgpack", "summary.json")
+
+
 def _refuse_to_overwrite(framework: Framework, out: Path) -> None:
-    if (out / framework.checkpoint_name).exists():
+    if out.exists() and not out.is_dir():
+        raise UserFacingError(f"--out {out} is a file, not a directory; choose a directory for the run's artefacts.")
+    found = [name for name in RUN_ARTEFACTS if (out / name).exists()]
+    if found:
         raise UserFacingError(
-            f"{out} already holds a checkpoint; continue it with --resume {out}, or choose "
+            f"{out} already holds a run ({', '.join(found)}); continue it with --resume {out}, or choose "
             "another --out (nothing was overwritten)."
         )
 

@@ -6,7 +6,6 @@ never execute code, unlike a pickle.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import optax
 from flax import serialization
 
 from common.batching import EpochPlan
-from common.checkpoints import checkpoint_meta, unreadable
+from common.checkpoints import checkpoint_meta, sealed_meta, unreadable
 from common.errors import CheckpointError, UserFacingError
 from common.progress import EpochProgress
 from common.system import pin_to_cores, usable_cpu_count
@@ -97,7 +96,12 @@ class JaxTrainer:
             restored = serialization.from_state_dict(self.state, state["state"])
         except (KeyError, ValueError, TypeError) as error:
             raise CheckpointError(f"the checkpoint's state does not fit this model and recipe: {error}") from error
+        _check_shapes(self.state, restored)
         self.state = jax.device_put(restored, self.device)
+
+    def state_is_finite(self) -> bool:
+        """Whether every weight and BatchNorm statistic is a finite number."""
+        return _all_finite((self.state.params, self.state.batch_stats))
 
     def model_bytes(self) -> bytes:
         weights = {"params": self.state.params, "batch_stats": self.state.batch_stats}
@@ -151,6 +155,10 @@ class JaxSeedGroup:
     def checkpoint_bytes(self, meta: dict, index: int) -> bytes:
         return checkpoint_bytes(jax.tree_util.tree_map(lambda leaf: leaf[index], self.state), meta)
 
+    def state_is_finite(self, index: int) -> bool:
+        return _all_finite(jax.tree_util.tree_map(lambda leaf: leaf[index], (self.state.params,
+                                                                               self.state.batch_stats)))
+
     def model_bytes(self, index: int) -> bytes:
         weights = {"params": self.state.params, "batch_stats": self.state.batch_stats}
         one = jax.tree_util.tree_map(lambda leaf: leaf[index], jax.device_get(weights))
@@ -175,16 +183,22 @@ def predict_in_batches(evaluate: AheadOfTime, state, images: np.ndarray, batch_s
 
 
 def checkpoint_bytes(state, meta: dict) -> bytes:
-    """One seed's whole training state and `meta`, as msgpack."""
-    state_dict = serialization.to_state_dict(jax.device_get(state))
-    return serialization.msgpack_serialize({"meta": json.dumps(meta), "state": state_dict})
+    """One seed's whole training state and `meta`, as msgpack. The digest is taken over the
+    contents as msgpack gives them back (NumPy arrays), so that loading can recompute it."""
+    contents = {"state": serialization.msgpack_restore(serialization.msgpack_serialize(
+        serialization.to_state_dict(jax.device_get(state))))}
+    return serialization.msgpack_serialize({"meta": sealed_meta(meta, contents), **contents})
 
 
-def _check_shapes(expected: dict, given: dict) -> None:
+def _all_finite(tree) -> bool:
+    return all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def _check_shapes(expected, given) -> None:
     for (path, want), (_, got) in zip(jax.tree_util.tree_leaves_with_path(expected),
                                       jax.tree_util.tree_leaves_with_path(given), strict=True):
         if np.shape(want) != np.shape(got):
-            raise CheckpointError(f"the weights do not fit the model: {jax.tree_util.keystr(path)} has shape "
+            raise CheckpointError(f"the checkpoint does not fit the model: {jax.tree_util.keystr(path)} has shape "
                                   f"{np.shape(got)}, the model needs {np.shape(want)}")
 
 
@@ -206,6 +220,8 @@ def read_weights(path: Path) -> dict:
     """Variables {"params", "batch_stats"} from a training checkpoint (checkpoint.msgpack) or a
     weights file (model.msgpack from --save-model, or a converted PyTorch model)."""
     payload = _load(path)
+    if isinstance(payload, dict) and "meta" in payload:  # a training checkpoint: check its digest too
+        checkpoint_meta(payload, path, "jax", "jax_impl", CHECKPOINT_KEYS)
     if isinstance(payload, dict) and "state" in payload:
         payload = payload["state"]
     if not isinstance(payload, dict) or not {"params", "batch_stats"} <= set(payload):

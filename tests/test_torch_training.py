@@ -131,7 +131,7 @@ def test_resume_refuses_a_different_recipe(dry_run, synthetic_dir, capsys):
 def test_existing_checkpoint_is_never_overwritten(dry_run, synthetic_dir, capsys):
     before = (dry_run / "checkpoint.pt").read_bytes()
     assert train(["--dry-run", "--out", str(dry_run)], synthetic_dir) == 2
-    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert "already holds a run" in capsys.readouterr().err
     assert (dry_run / "checkpoint.pt").read_bytes() == before
 
 

@@ -7,7 +7,6 @@ per epoch) because this package is the reference the JAX port is checked against
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from common.batching import EpochPlan, train_batches
-from common.checkpoints import checkpoint_meta, unreadable
+from common.checkpoints import checkpoint_meta, sealed_meta, unreadable
 from common.errors import CheckpointError, UserFacingError
 from common.progress import EpochProgress
 from common.recipes import Recipe
@@ -155,22 +154,29 @@ class TorchTrainer:
 
     def checkpoint_bytes(self, meta: dict) -> bytes:
         # Only tensors, numbers and strings, so that torch.load(weights_only=True) can read it.
-        state = {
-            "meta": json.dumps(meta),
+        contents = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": torch.get_rng_state(),
         }
         buffer = io.BytesIO()
-        torch.save(state, buffer)
+        torch.save({"meta": sealed_meta(meta, contents, tensor_to_array), **contents}, buffer)
         return buffer.getvalue()
 
     def restore(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"the checkpoint's state does not fit this model and recipe: {error}") from error
+
+    def state_is_finite(self) -> bool:
+        """Whether every weight and BatchNorm statistic is a finite number."""
+        return all(torch.isfinite(value).all() for value in self.model.state_dict().values()
+                   if value.is_floating_point())
 
     def model_bytes(self) -> bytes:
         buffer = io.BytesIO()
@@ -196,13 +202,20 @@ def _load(path: Path) -> object:
 def read_checkpoint(path: Path) -> tuple[dict, dict]:
     """(meta, state) of a checkpoint written by TorchTrainer."""
     state = _load(path)
-    return checkpoint_meta(state, path, "torch", "torch_ref", CHECKPOINT_KEYS), state
+    return checkpoint_meta(state, path, "torch", "torch_ref", CHECKPOINT_KEYS, tensor_to_array), state
+
+
+def tensor_to_array(value: Any) -> Any:
+    """A tensor as a NumPy array (for the checkpoint digest); anything else as it is."""
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
 
 
 def read_weights(path: Path) -> dict:
     """The model's state_dict from a training checkpoint (checkpoint.pt) or a weights file
     (model.pt from --save-model, or a converted JAX model)."""
     data = _load(path)
+    if isinstance(data, dict) and "meta" in data:  # a training checkpoint: check its digest too
+        checkpoint_meta(data, path, "torch", "torch_ref", CHECKPOINT_KEYS, tensor_to_array)
     state_dict = data["model"] if isinstance(data, dict) and "model" in data else data
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{path} holds no PyTorch state_dict")

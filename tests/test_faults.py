@@ -1,0 +1,365 @@
+"""Bad input and bad luck, as a careful user would try them: every case ends with exit code 2 and
+a message that says what to do, and every file that existed before is byte for byte the same
+afterwards. On the synthetic MNIST (tests/synthetic_mnist.py), for both trainers where both are
+concerned, and a SIGKILL in the middle of an epoch for each."""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common import mnist
+from common.checkpoints import sealed_meta
+from common.evaluation import main as evaluate
+from common.training import main
+from jax_impl.train import FRAMEWORK as JAX
+from tests.conftest import REPO_ROOT
+from torch_ref.train import FRAMEWORK as TORCH
+
+FRAMEWORKS = pytest.mark.parametrize("framework", [TORCH, JAX], ids=["torch", "jax"])
+
+
+def snapshot(*roots: Path) -> dict[Path, bytes]:
+    """Every file under `roots`, with its bytes."""
+    return {path: path.read_bytes() for root in roots for path in sorted(Path(root).rglob("*")) if path.is_file()}
+
+
+def run(framework, args: list[str], capsys) -> tuple[int, str]:
+    status = main(framework, args)
+    return status, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory, synthetic_dir) -> dict[str, Path]:
+    """A finished dry run of each framework (two short epochs)."""
+    runs = {}
+    for framework in (TORCH, JAX):
+        out = tmp_path_factory.mktemp("runs") / framework.name
+        assert main(framework, ["--dry-run", "--out", str(out), "--data-dir", str(synthetic_dir)]) == 0
+        runs[framework.name] = out
+    return runs
+
+
+# Data directory and --out
+
+
+def test_data_dir_that_cannot_be_created_names_it(synthetic_dir, tmp_path, monkeypatch, capsys):
+    target = tmp_path / "read-only" / "mnist"
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self == target or target in self.parents or self == target.parent:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    status, err = run(TORCH, ["--dry-run", "--data-dir", str(target), "--out", str(tmp_path / "run")], capsys)
+    assert status == 2 and "cannot be written (Read-only file system)" in err and "--data-dir" in err
+    assert "Traceback" not in err
+
+
+def test_read_only_data_dir_lacking_a_file_says_so_and_stays_as_it_is(tmp_path, monkeypatch, capsys):
+    data_dir = tmp_path / "partial"
+    data_dir.mkdir()
+    (data_dir / "unrelated.txt").write_text("the user's file")
+    before = snapshot(data_dir)
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(mnist.tempfile, "TemporaryFile", read_only)
+    status, err = run(JAX, ["--dry-run", "--data-dir", str(data_dir), "--out", str(tmp_path / "run")], capsys)
+    assert status == 2 and "cannot be downloaded there" in err and "Read-only file system" in err
+    assert snapshot(data_dir) == before
+
+
+@FRAMEWORKS
+def test_out_or_data_dir_that_is_a_file_is_refused(framework, synthetic_dir, tmp_path, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a directory")
+    status, err = run(framework, ["--dry-run", "--data-dir", str(synthetic_dir), "--out", str(a_file)], capsys)
+    assert status == 2 and f"--out {a_file} is a file" in err
+    status, err = run(framework, ["--dry-run", "--data-dir", str(a_file), "--out", str(tmp_path / "run")], capsys)
+    assert status == 2 and f"{a_file} is a file" in err
+    assert a_file.read_text() == "not a directory" and not (tmp_path / "run").exists()
+
+
+def test_batch_larger_than_the_training_set_is_refused(synthetic_dir, tmp_path, capsys):
+    status, err = run(JAX, ["--dry-run", "--batch-size", "100000", "--data-dir", str(synthetic_dir),
+                            "--out", str(tmp_path / "run")], capsys)
+    assert status == 2 and "--batch-size 100000 is larger than the 640 training images" in err
+
+
+# Other runs are never overwritten
+
+
+@FRAMEWORKS
+def test_out_holding_the_other_frameworks_run_is_refused(framework, finished_runs, synthetic_dir, capsys):
+    other = finished_runs["jax" if framework is TORCH else "torch"]
+    before = snapshot(other)
+    status, err = run(framework, ["--dry-run", "--data-dir", str(synthetic_dir), "--out", str(other)], capsys)
+    assert status == 2 and "already holds a run" in err and "--resume" in err
+    assert snapshot(other) == before
+
+
+@FRAMEWORKS
+def test_resume_refuses_to_change_dry_run(framework, finished_runs, synthetic_dir, tmp_path, capsys):
+    dry = finished_runs[framework.name]
+    before = snapshot(dry)
+    status, err = run(framework, ["--resume", str(dry), "--data-dir", str(synthetic_dir)], capsys)
+    assert status == 2 and "the checkpoint is from a dry run" in err
+    assert snapshot(dry) == before
+    full = tmp_path / "full"
+    assert main(framework, ["--epochs", "1", "--batch-size", "256", "--data-dir", str(synthetic_dir),
+                            "--out", str(full)]) == 0
+    capsys.readouterr()
+    before = snapshot(full)
+    status, err = run(framework, ["--resume", str(full), "--dry-run", "--data-dir", str(synthetic_dir)], capsys)
+    assert status == 2 and "the checkpoint is from a full run" in err
+    assert snapshot(full) == before
+
+
+@FRAMEWORKS
+def test_resume_rewrites_metrics_lost_between_the_two_writes(framework, finished_runs, synthetic_dir, tmp_path):
+    """A kill after the checkpoint of epoch 2 but before its metrics line: the resumed run's
+    metrics.jsonl is the checkpoint's own history again."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for path in finished_runs[framework.name].iterdir():
+        (run_dir / path.name).write_bytes(path.read_bytes())
+    complete = (run_dir / "metrics.jsonl").read_text()
+    (run_dir / "metrics.jsonl").write_text(complete.splitlines(keepends=True)[0])
+    assert main(framework, ["--resume", str(run_dir), "--dry-run", "--data-dir", str(synthetic_dir)]) == 0
+    assert (run_dir / "metrics.jsonl").read_text() == complete
+
+
+# Checkpoints: wrong contents, damaged bytes
+
+
+def _resealed_torch_checkpoint(source: Path, destination: Path, change) -> None:
+    import torch
+
+    from torch_ref.trainer import tensor_to_array
+
+    payload = torch.load(source, weights_only=True)
+    meta = json.loads(payload.pop("meta"))
+    change(payload)
+    torch.save({"meta": sealed_meta(meta, payload, tensor_to_array), **payload}, destination)
+
+
+def _resealed_jax_checkpoint(source: Path, destination: Path, change) -> None:
+    from flax import serialization
+
+    payload = serialization.msgpack_restore(source.read_bytes())
+    meta = json.loads(payload.pop("meta"))
+    change(payload["state"]["params"])
+    destination.write_bytes(serialization.msgpack_serialize({"meta": sealed_meta(meta, payload), **payload}))
+
+
+@pytest.mark.parametrize("mistake", ["shape", "missing"])
+@FRAMEWORKS
+def test_checkpoint_that_does_not_fit_the_model_names_the_key(framework, mistake, finished_runs, synthetic_dir,
+                                                              tmp_path, capsys):
+    """A well-formed checkpoint of another model (a tensor of another shape, or one missing):
+    the error names the tensor, and the file is left as it is."""
+    source = finished_runs[framework.name] / framework.checkpoint_name
+    broken = tmp_path / framework.checkpoint_name
+    if framework is TORCH:
+        def change(payload):
+            if mistake == "shape":
+                payload["model"]["conv6.weight"] = payload["model"]["conv6.weight"][:5]
+            else:
+                del payload["model"]["conv6.weight"]
+        _resealed_torch_checkpoint(source, broken, change)
+    else:
+        def change(params):
+            if mistake == "shape":
+                params["conv6"]["kernel"] = params["conv6"]["kernel"][..., :5]
+            else:
+                del params["conv6"]
+        _resealed_jax_checkpoint(source, broken, change)
+    before = snapshot(tmp_path)
+    status, err = run(framework, ["--resume", str(broken), "--dry-run", "--data-dir", str(synthetic_dir)], capsys)
+    assert status == 2 and "conv6" in err and "does not fit" in err and "Traceback" not in err
+    assert snapshot(tmp_path) == before
+
+
+@FRAMEWORKS
+def test_a_flipped_byte_in_a_checkpoint_is_detected(framework, finished_runs, synthetic_dir, tmp_path, capsys):
+    """One bit of a stored weight flipped (as a bad disk or copy would): the loader reads the
+    file happily, the digest recorded at saving does not match, and nothing is trained or
+    evaluated."""
+    source = finished_runs[framework.name] / framework.checkpoint_name
+    data = bytearray(source.read_bytes())
+    if framework is TORCH:
+        import torch
+
+        weight = torch.load(source, weights_only=True)["model"]["conv4.weight"].numpy()
+    else:
+        from flax import serialization
+
+        weight = serialization.msgpack_restore(bytes(data))["state"]["params"]["conv4"]["kernel"]
+    start = bytes(data).find(np.ascontiguousarray(weight).tobytes())
+    assert start > 0
+    data[start + 41] ^= 0x40  # an exponent bit of one float32
+    broken = tmp_path / framework.checkpoint_name
+    broken.write_bytes(bytes(data))
+    before = snapshot(tmp_path)
+    status, err = run(framework, ["--resume", str(broken), "--dry-run", "--data-dir", str(synthetic_dir)], capsys)
+    assert status == 2 and "do not match the SHA-256" in err
+    assert evaluate(framework, [str(broken), "--data-dir", str(synthetic_dir)]) == 2  # evaluating it neither
+    assert "do not match the SHA-256" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
+
+
+# Divergence
+
+
+@pytest.mark.parametrize("lr", ["100", "1000"])
+@FRAMEWORKS
+def test_diverging_run_saves_nothing_non_finite(framework, lr, synthetic_dir, tmp_path, capsys):
+    """The seed recipe (a constant lr) at --lr 100 and 1000. Measured: PyTorch at 100 trains
+    epoch 1 to a huge but finite test loss (saved) and is stopped after epoch 2, whose weights
+    are no longer finite; the other three are stopped in or after epoch 1."""
+    out = tmp_path / "run"
+    status, err = run(framework, ["--dry-run", "--recipe", "seed", "--lr", lr, "--data-dir", str(synthetic_dir),
+                                  "--out", str(out)], capsys)
+    assert status == 2 and ("no longer finite" in err or "training loss became" in err)
+    if (out / "metrics.jsonl").exists():  # strict JSON: NaN or Infinity would not parse
+        for line in (out / "metrics.jsonl").read_text().splitlines():
+            json.loads(line, parse_constant=lambda name: pytest.fail(f"metrics hold {name}"))
+    if (out / framework.checkpoint_name).exists():
+        weights = framework.read_weights(out / framework.checkpoint_name)
+        leaves = weights.values() if framework is TORCH else _leaves(weights)
+        assert all(np.isfinite(np.asarray(leaf)).all() for leaf in leaves)
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree_util.tree_leaves(tree)
+
+
+# compare.py
+
+
+@pytest.fixture(scope="module")
+def compare_module():
+    spec = importlib.util.spec_from_file_location("compare", REPO_ROOT / "benchmarks" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["compare"] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["compare"]
+
+
+@pytest.mark.parametrize("case", ["missing data", "unknown recipe", "batch size 0", "batch larger than data"])
+def test_compare_reports_bad_input_and_creates_nothing(case, compare_module, synthetic_dir, tmp_path, monkeypatch,
+                                                      capsys):
+    monkeypatch.setattr(mnist, "MIRRORS", ("http://127.0.0.1:9/",))  # refused at once: offline
+    out = tmp_path / "results"
+    args = {"missing data": ["--data-dir", str(tmp_path / "empty")],
+            "unknown recipe": ["--data-dir", str(synthetic_dir), "--recipe", "nope"],
+            "batch size 0": ["--data-dir", str(synthetic_dir), "--batch-sizes", "0"],
+            "batch larger than data": ["--data-dir", str(synthetic_dir), "--batch-sizes", "128,100000"]}[case]
+    expected = {"missing data": "could not be downloaded", "unknown recipe": "choose one of",
+                "batch size 0": "expected a positive integer", "batch larger than data": "is larger than the 640"}[case]
+    try:
+        status = compare_module.main([*args, "--quick", "--out", str(out)])
+    except SystemExit as exit_:  # argparse's own errors
+        status = exit_.code
+    err = capsys.readouterr().err
+    assert status == 2 and expected in err and "Traceback" not in err
+    assert not out.exists()
+
+
+# The network
+
+
+@pytest.fixture
+def silent_server():
+    """A host that accepts connections and never answers."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    accepted = []
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}/"
+    stop.set()
+    thread.join()
+    for connection in accepted:
+        connection.close()
+    server.close()
+
+
+def test_a_mirror_that_never_answers_costs_seconds_not_minutes(silent_server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(mnist, "MIRRORS", (silent_server,))
+    started = time.monotonic()
+    with pytest.raises(mnist.DataError, match="could not be downloaded"):
+        mnist.load_mnist(tmp_path / "data")
+    assert time.monotonic() - started < 15
+    assert f"downloading {silent_server}" in capsys.readouterr().err
+    assert not any((tmp_path / "data").iterdir())
+
+
+# SIGKILL in the middle of an epoch
+
+
+def _train_command(framework, out: Path, synthetic_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", framework.module, "--epochs", "3", "--batch-size", "16", "--seed", "3",
+            "--threads", "1", "--data-dir", str(synthetic_dir), *extra, "--out", str(out)]
+
+
+@FRAMEWORKS
+def test_sigkill_during_epoch_2_then_resume_equals_the_uninterrupted_run(framework, synthetic_dir, tmp_path):
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    subprocess.run(_train_command(framework, reference, synthetic_dir), env=environment, cwd=REPO_ROOT,
+                   check=True, capture_output=True, timeout=600)
+
+    process = subprocess.Popen(_train_command(framework, killed, synthetic_dir), env=environment, cwd=REPO_ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.monotonic() < deadline:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    epochs_done = metrics.read_text().count("\n")
+    assert epochs_done < 3, "the kill came after the last epoch"
+
+    resumed = subprocess.run(_train_command(framework, killed, synthetic_dir, "--resume", str(killed)),
+                             env=environment, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming after epoch {epochs_done}" in resumed.stdout
+
+    def numbers(path):
+        return [(r["train_loss"], r["train_accuracy"], r["test_loss"], r["test_accuracy"], r["lr"])
+                for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())]
+
+    assert numbers(killed) == numbers(reference)
