@@ -51,10 +51,11 @@ from common.training import TrainerConfig  # noqa: E402
 from common.transforms import normalize  # noqa: E402
 from jax_impl.epochs import LoopEpoch, ScanEpoch  # noqa: E402
 from jax_impl.train import enable_compilation_cache  # noqa: E402
-from jax_impl.trainer import JaxTrainer  # noqa: E402
+from jax_impl.trainer import JaxSeedGroup, JaxTrainer  # noqa: E402
 from torch_ref.trainer import TorchTrainer  # noqa: E402
 
 BASELINE = "PyTorch eager"
+GROUP_SEEDS = 5  # as the README's final table: --seeds 0,1,2,3,4 (--quick: 2, to compile less)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Variant:
     build: Callable[[TrainerConfig], object]
     # torch.compile compiles inside the first call, so its compile time is that call's overhead.
     compiles_on_first_use: bool = False
+    seeds: int = 1  # seeds trained together; every seed sees the round's batches
 
 
 def torch_eager(config: TrainerConfig) -> TorchTrainer:
@@ -97,6 +99,10 @@ def jax_scan(config: TrainerConfig) -> JaxTrainer:
     return trainer
 
 
+def jax_group(seeds: int) -> Callable[[TrainerConfig], JaxSeedGroup]:
+    return lambda config: JaxSeedGroup(config, list(range(seeds)))
+
+
 def variants(quick: bool) -> list[Variant]:
     found = [Variant(BASELINE, "torch", torch_eager), Variant("PyTorch channels_last", "torch", torch_channels_last)]
     if quick:
@@ -105,8 +111,14 @@ def variants(quick: bool) -> list[Variant]:
         found.append(Variant("torch.compile", "torch", torch_compiled, compiles_on_first_use=True))
     found += [Variant("JAX step loop, fast layers", "jax", jax_loop("fast")),
               Variant("JAX step loop, plain layers", "jax", jax_loop("plain")),
-              Variant("JAX lax.scan epoch", "jax", jax_scan)]
+              Variant("JAX lax.scan epoch", "jax", jax_scan),
+              group_variant(quick)]
     return found
+
+
+def group_variant(quick: bool) -> Variant:
+    seeds = 2 if quick else GROUP_SEEDS
+    return Variant(f"JAX {seeds} seeds in one program", "jax", jax_group(seeds), seeds=seeds)
 
 
 @dataclass
@@ -132,16 +144,19 @@ class Measured:
 
 def synchronize(trainer: object) -> None:
     """Wait for queued device work, so that the clock is read after it has finished."""
-    if isinstance(trainer, JaxTrainer):
+    if isinstance(trainer, JaxTrainer | JaxSeedGroup):
         jax.block_until_ready(trainer.state)
     elif trainer.device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def train_seconds(trainer: object, plan: EpochPlan, data: Mnist) -> float:
+def train_seconds(trainer: object, plan: EpochPlan, data: Mnist, seeds: int = 1) -> float:
     progress = EpochProgress(1, 1, len(plan.order), enabled=False)
     started = time.perf_counter()
-    trainer.train_epoch(plan, data.train_images, data.train_labels, progress)
+    if seeds > 1:
+        trainer.train_epoch([plan] * seeds, data.train_images, data.train_labels, [progress] * seeds)
+    else:
+        trainer.train_epoch(plan, data.train_images, data.train_labels, progress)
     synchronize(trainer)
     return time.perf_counter() - started
 
@@ -156,15 +171,15 @@ def measure_training(chosen: list[Variant], batch_size: int, data: Mnist, args: 
     warm_up = plan_epoch(0, 1, len(data.train_labels), batch_size, recipe.augmentation).head(chunk * batch_size)
     for variant in chosen:
         trainer = variant.build(config)
-        cold_seconds = train_seconds(trainer, warm_up, data)
+        cold_seconds = train_seconds(trainer, warm_up, data, variant.seeds)
         trainers[variant.name] = trainer
         results[variant.name] = Measured(cold_seconds, trainer.compile_seconds())
     for round_index in range(args.repeats):
         plan = plan_epoch(1, round_index + 1, len(data.train_labels), batch_size, recipe.augmentation)
         plan = plan.head(chunk * batch_size)
         for variant in chosen:
-            results[variant.name].seconds.append(train_seconds(trainers[variant.name], plan, data))
-            results[variant.name].images = len(plan.order)
+            results[variant.name].seconds.append(train_seconds(trainers[variant.name], plan, data, variant.seeds))
+            results[variant.name].images = len(plan.order) * variant.seeds
     test_inputs = normalize(data.test_images[: args.eval_images])
     for variant in chosen:
         trainer = trainers[variant.name]
@@ -174,7 +189,7 @@ def measure_training(chosen: list[Variant], batch_size: int, data: Mnist, args: 
             started = time.perf_counter()
             trainer.predict(test_inputs, 1000)
             times.append(time.perf_counter() - started)
-        results[variant.name].eval_images_per_second = len(test_inputs) / statistics.median(times)
+        results[variant.name].eval_images_per_second = len(test_inputs) * variant.seeds / statistics.median(times)
     return results
 
 
@@ -233,13 +248,13 @@ def run_probe(args: argparse.Namespace) -> None:
     data = load_mnist(args.data_dir)
     batch_size = args.batch_sizes[0]
     recipe = get_recipe(args.recipe)
-    variant = next(v for v in variants(quick=False) if v.name == args.probe)
+    variant = next(v for v in variants(quick=False) + variants(quick=True) if v.name == args.probe)
     config = TrainerConfig(recipe.with_overrides(batch_size=batch_size), 0, args.device, None, 3)
     trainer = variant.build(config)
     before_mb = _current_rss_mb()
     _reset_peak_rss()
     train_seconds(trainer, plan_epoch(0, 1, len(data.train_labels), batch_size, recipe.augmentation)
-                  .head(3 * batch_size), data)
+                  .head(3 * batch_size), data, variant.seeds)
     result = {"rss_before_training_mb": before_mb, "peak_rss_mb": _peak_rss_mb()}
     device = getattr(trainer, "device", None)
     if isinstance(trainer, JaxTrainer) and trainer.device.platform != "cpu":
