@@ -32,27 +32,24 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402
-import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from common.batching import EpochPlan, plan_epoch  # noqa: E402
 from common.errors import UserFacingError  # noqa: E402
+from common.framework import SeedGroup, TrainerConfig  # noqa: E402
 from common.metrics import read_metrics  # noqa: E402
 from common.mnist import Mnist, load_mnist  # noqa: E402
 from common.progress import EpochProgress  # noqa: E402
 from common.recipes import DEFAULT_RECIPE, get_recipe  # noqa: E402
 from common.spec import training_flops_per_image  # noqa: E402
 from common.system import usable_cpu_count  # noqa: E402
-from common.training import TrainerConfig  # noqa: E402
 from common.transforms import normalize  # noqa: E402
-from jax_impl.epochs import LoopEpoch, ScanEpoch  # noqa: E402
+from jax_impl.compile_clock import compile_seconds  # noqa: E402
+from jax_impl.seed_group import JaxSeedGroup  # noqa: E402
 from jax_impl.train import enable_compilation_cache  # noqa: E402
-from jax_impl.trainer import JaxSeedGroup, JaxTrainer  # noqa: E402
-from torch_ref.trainer import TorchTrainer  # noqa: E402
+from torch_ref.seed_group import TorchSeedGroup  # noqa: E402
 
 BASELINE = "PyTorch eager"
 GROUP_SEEDS = 5  # as the README's final table: --seeds 0,1,2,3,4 (--quick: 2, to compile less)
@@ -60,47 +57,34 @@ GROUP_SEEDS = 5  # as the README's final table: --seeds 0,1,2,3,4 (--quick: 2, t
 
 @dataclass
 class Variant:
-    """One way of training: its framework, and how to build a trainer for a batch size."""
+    """One way of training: its framework, and how to build its seed group for a batch size."""
 
     name: str
     framework: str
-    build: Callable[[TrainerConfig], object]
+    build: Callable[[TrainerConfig, list[int]], SeedGroup]
     # torch.compile compiles inside the first call, so its compile time is that call's overhead.
     compiles_on_first_use: bool = False
     seeds: int = 1  # seeds trained together; every seed sees the round's batches
 
 
-def torch_eager(config: TrainerConfig) -> TorchTrainer:
-    return TorchTrainer(dataclasses.replace(config, ops="plain"))
+def torch_eager(config: TrainerConfig, seeds: list[int]) -> TorchSeedGroup:
+    return TorchSeedGroup(dataclasses.replace(config, ops="plain"), seeds)
 
 
-def torch_channels_last(config: TrainerConfig) -> TorchTrainer:
-    return TorchTrainer(dataclasses.replace(config, ops="fast"))
+def torch_channels_last(config: TrainerConfig, seeds: list[int]) -> TorchSeedGroup:
+    return TorchSeedGroup(dataclasses.replace(config, ops="fast"), seeds)
 
 
-def torch_compiled(config: TrainerConfig) -> TorchTrainer:
-    trainer = TorchTrainer(dataclasses.replace(config, ops="plain"))
-    trainer.model = torch.compile(trainer.model)
-    return trainer
+def torch_compiled(config: TrainerConfig, seeds: list[int]) -> TorchSeedGroup:
+    group = TorchSeedGroup(dataclasses.replace(config, ops="plain"), seeds)
+    for state in group.states:
+        state.model = torch.compile(state.model)
+    return group
 
 
-def jax_loop(ops: str) -> Callable[[TrainerConfig], JaxTrainer]:
-    def build(config: TrainerConfig) -> JaxTrainer:
-        trainer = JaxTrainer(dataclasses.replace(config, ops=ops))
-        trainer.epoch_runner = LoopEpoch(trainer.device)
-        return trainer
-
-    return build
-
-
-def jax_scan(config: TrainerConfig) -> JaxTrainer:
-    trainer = JaxTrainer(config)  # the layers --ops auto picks for the device
-    trainer.epoch_runner = ScanEpoch(trainer.device)
-    return trainer
-
-
-def jax_group(seeds: int) -> Callable[[TrainerConfig], JaxSeedGroup]:
-    return lambda config: JaxSeedGroup(config, list(range(seeds)))
+def jax_epoch(epoch: str, ops: str = "auto") -> Callable[[TrainerConfig, list[int]], JaxSeedGroup]:
+    """A JAX group with the step loop or the scan epoch; ops auto is what --ops auto picks for the device."""
+    return lambda config, seeds: JaxSeedGroup(dataclasses.replace(config, ops=ops), seeds, epoch=epoch)
 
 
 def variants(quick: bool) -> list[Variant]:
@@ -109,16 +93,12 @@ def variants(quick: bool) -> list[Variant]:
         pass  # torch.compile takes minutes to compile here: full runs only
     elif shutil.which(os.environ.get("CXX", "g++")) or shutil.which("cc"):
         found.append(Variant("torch.compile", "torch", torch_compiled, compiles_on_first_use=True))
-    found += [Variant("JAX step loop, fast layers", "jax", jax_loop("fast")),
-              Variant("JAX step loop, plain layers", "jax", jax_loop("plain")),
-              Variant("JAX lax.scan epoch", "jax", jax_scan),
-              group_variant(quick)]
-    return found
-
-
-def group_variant(quick: bool) -> Variant:
+    found += [Variant("JAX step loop, fast layers", "jax", jax_epoch("loop", "fast")),
+              Variant("JAX step loop, plain layers", "jax", jax_epoch("loop", "plain")),
+              Variant("JAX lax.scan epoch", "jax", jax_epoch("scan"))]
     seeds = 2 if quick else GROUP_SEEDS
-    return Variant(f"JAX {seeds} seeds in one program", "jax", jax_group(seeds), seeds=seeds)
+    return found + [Variant(f"PyTorch {seeds} seeds in turn", "torch", torch_eager, seeds=seeds),
+                    Variant(f"JAX {seeds} seeds in one program", "jax", JaxSeedGroup, seeds=seeds)]
 
 
 @dataclass
@@ -142,22 +122,20 @@ class Measured:
         return max(0.0, self.cold_seconds - statistics.median(self.seconds))
 
 
-def synchronize(trainer: object) -> None:
+def synchronize(group: SeedGroup) -> None:
     """Wait for queued device work, so that the clock is read after it has finished."""
-    if isinstance(trainer, JaxTrainer | JaxSeedGroup):
-        jax.block_until_ready(trainer.state)
-    elif trainer.device.type == "cuda":
+    if isinstance(group, JaxSeedGroup):
+        jax.block_until_ready(group.state)
+    elif group.device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def train_seconds(trainer: object, plan: EpochPlan, data: Mnist, seeds: int = 1) -> float:
+def train_seconds(group: SeedGroup, plan: EpochPlan, data: Mnist, seeds: int) -> float:
+    """One epoch of `plan` for every seed of the group (each seed trains on the same batches)."""
     progress = EpochProgress(1, 1, len(plan.order), enabled=False)
     started = time.perf_counter()
-    if seeds > 1:
-        trainer.train_epoch([plan] * seeds, data.train_images, data.train_labels, [progress] * seeds)
-    else:
-        trainer.train_epoch(plan, data.train_images, data.train_labels, progress)
-    synchronize(trainer)
+    group.train_epoch([plan] * seeds, data.train_images, data.train_labels, [progress] * seeds)
+    synchronize(group)
     return time.perf_counter() - started
 
 
@@ -165,15 +143,16 @@ def measure_training(chosen: list[Variant], batch_size: int, data: Mnist, args: 
                      recipe) -> dict[str, Measured]:
     """Warm up every variant, then time chunks of training round-robin."""
     chunk = max(1, args.chunk_images // batch_size)
-    config = TrainerConfig(recipe.with_overrides(batch_size=batch_size), seed=0, device=args.device,
+    config = TrainerConfig(recipe.with_overrides(batch_size=batch_size), device=args.device,
                            threads=None, steps_per_epoch=chunk)
     trainers, results = {}, {}
     warm_up = plan_epoch(0, 1, len(data.train_labels), batch_size, recipe.augmentation).head(chunk * batch_size)
     for variant in chosen:
-        trainer = variant.build(config)
+        compiled_before = time_compiling(variant)
+        trainer = variant.build(config, list(range(variant.seeds)))
         cold_seconds = train_seconds(trainer, warm_up, data, variant.seeds)
         trainers[variant.name] = trainer
-        results[variant.name] = Measured(cold_seconds, trainer.compile_seconds())
+        results[variant.name] = Measured(cold_seconds, time_compiling(variant) - compiled_before)
     for round_index in range(args.repeats):
         plan = plan_epoch(1, round_index + 1, len(data.train_labels), batch_size, recipe.augmentation)
         plan = plan.head(chunk * batch_size)
@@ -191,6 +170,12 @@ def measure_training(chosen: list[Variant], batch_size: int, data: Mnist, args: 
             times.append(time.perf_counter() - started)
         results[variant.name].eval_images_per_second = len(test_inputs) * variant.seeds / statistics.median(times)
     return results
+
+
+def time_compiling(variant: Variant) -> float:
+    """Seconds JAX has spent compiling in this process (0 for PyTorch, whose torch.compile
+    compiles inside its first call: see Variant.compiles_on_first_use)."""
+    return compile_seconds() if variant.framework == "jax" else 0.0
 
 
 def round_ratios(results: dict[str, Measured], name: str) -> list[float]:
@@ -221,7 +206,7 @@ def sgemm_gflops(size: int = 2048, repeats: int = 5) -> dict[str, float]:
 
 def xla_flops_per_image(batch_size: int, recipe) -> float | None:
     """XLA's own count of the compiled training step's FLOPs, per image (a cross-check)."""
-    from jax_impl.steps import create_train_state, train_step
+    from jax_impl.training import create_train_state, train_step
 
     # Plain layers without dropout, so that the count is the network's (random bits' integer ops would count).
     state = create_train_state(jax.random.key(0), recipe.with_overrides(dropout=0.0), 10)
@@ -249,15 +234,15 @@ def run_probe(args: argparse.Namespace) -> None:
     batch_size = args.batch_sizes[0]
     recipe = get_recipe(args.recipe)
     variant = next(v for v in variants(quick=False) + variants(quick=True) if v.name == args.probe)
-    config = TrainerConfig(recipe.with_overrides(batch_size=batch_size), 0, args.device, None, 3)
-    trainer = variant.build(config)
+    config = TrainerConfig(recipe.with_overrides(batch_size=batch_size), args.device, None, 3)
+    trainer = variant.build(config, list(range(variant.seeds)))
     before_mb = _current_rss_mb()
     _reset_peak_rss()
     train_seconds(trainer, plan_epoch(0, 1, len(data.train_labels), batch_size, recipe.augmentation)
                   .head(3 * batch_size), data, variant.seeds)
     result = {"rss_before_training_mb": before_mb, "peak_rss_mb": _peak_rss_mb()}
     device = getattr(trainer, "device", None)
-    if isinstance(trainer, JaxTrainer) and trainer.device.platform != "cpu":
+    if isinstance(trainer, JaxSeedGroup) and trainer.device.platform != "cpu":
         result["device_peak_mb"] = trainer.device.memory_stats().get("peak_bytes_in_use", 0) / 2**20
     elif isinstance(device, torch.device) and device.type == "cuda":
         result["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -374,7 +359,8 @@ def _seconds(value: float | None) -> str:
 def plots(report: dict, out: Path) -> None:
     batch_sizes = list(report["throughput"])
     names = list(report["throughput"][batch_sizes[0]])
-    figure, axis = plt.subplots(figsize=(10, 4.5))
+    figure = Figure(figsize=(10, 4.5))
+    axis = figure.subplots()
     width = 0.8 / len(names)
     for index, name in enumerate(names):
         values = [report["throughput"][b][name]["train_images_per_second"] for b in batch_sizes]
@@ -386,9 +372,9 @@ def plots(report: dict, out: Path) -> None:
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     figure.savefig(out / "throughput.png", dpi=100)
-    plt.close(figure)
     if report.get("training"):
-        figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        figure = Figure(figsize=(12, 4.5))
+        axes = figure.subplots(1, 2)
         for name, run in report["training"].items():
             axes[0].plot(run["epochs"], run["test_accuracy"], marker="o", label=name)
             axes[1].plot(run["elapsed_seconds"], run["test_accuracy"], marker="o", label=name)
@@ -400,7 +386,6 @@ def plots(report: dict, out: Path) -> None:
             axis.legend()
         figure.tight_layout()
         figure.savefig(out / "accuracy.png", dpi=100)
-        plt.close(figure)
 
 
 def _positive_int(text: str) -> int:

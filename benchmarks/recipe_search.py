@@ -72,8 +72,9 @@ def recipe_for(name: str):
 
 
 def run(args: argparse.Namespace) -> None:
+    from common.driver import train
     from common.mnist import resolve_data_dir
-    from common.training import RunSettings, train
+    from common.settings import RunSettings
 
     if args.framework == "jax":
         from jax_impl.train import FRAMEWORK, enable_compilation_cache

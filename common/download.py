@@ -3,6 +3,11 @@
 The bytes go to a temporary file beside the destination and their SHA-256 is computed while
 they stream; only a verified file is renamed into place (atomic on one filesystem), so an
 interrupted or wrong download leaves the destination exactly as it was.
+
+pooch (`pooch.retrieve(url, known_hash=...)`) does the same, and is what to reach for in a
+project that already depends on it. This core imports only NumPy and the standard library
+(plus tqdm for bars), so that both frameworks' users install nothing for it; one verified
+fetch over a list of mirrors is these sixty lines, tested in tests/test_mnist_files.py.
 """
 
 from __future__ import annotations

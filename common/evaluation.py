@@ -1,7 +1,7 @@
 """`python -m <framework>.evaluate WEIGHTS`: test-set loss and accuracy of saved weights.
 
 Reads a training checkpoint or a weights file of its framework, including one converted from
-the other framework by `python -m jax_impl.convert`, so either implementation can evaluate a
+the other framework by `python -m bridge.convert`, so either implementation can evaluate a
 model trained by the other.
 """
 
@@ -13,23 +13,20 @@ from pathlib import Path
 
 from common.cli import DEFAULT_TEST_BATCH_SIZE, DEVICES, OPS
 from common.errors import UserFacingError
+from common.framework import Framework
 from common.metrics import Evaluation, evaluate_log_probs
 from common.mnist import load_mnist
-from common.recipes import SEED
-from common.training import Framework, TrainerConfig
 from common.transforms import normalize
 
 
 def evaluate_file(framework: Framework, path: Path, data_dir: str | None = None,
                   batch_size: int = DEFAULT_TEST_BATCH_SIZE, device: str = "auto", ops: str = "auto") -> Evaluation:
-    """Evaluate the weights in `path` on the 10,000 MNIST test images."""
+    """Evaluate the weights in `path` on the 10,000 MNIST test images: the model and its weights
+    alone, with no optimiser, schedule or training state built."""
     weights = framework.read_weights(path)
-    # A trainer holds the model and its predict(); its recipe and optimiser play no part here.
-    trainer = framework.create_trainer(TrainerConfig(SEED, seed=0, device=device, threads=None, steps_per_epoch=1,
-                                                     ops=ops))
-    trainer.load_weights(weights)
     data = load_mnist(data_dir)
-    return evaluate_log_probs(trainer.predict(normalize(data.test_images), batch_size), data.test_labels)
+    log_probs = framework.predict(weights, normalize(data.test_images), batch_size, device, ops)
+    return evaluate_log_probs(log_probs, data.test_labels)
 
 
 def main(framework: Framework, argv: list[str] | None = None) -> int:
@@ -38,7 +35,7 @@ def main(framework: Framework, argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=f"python -m {module}",
         description=f"Test-set accuracy of {framework.title} weights: a {framework.checkpoint_name}, a "
-                    f"{framework.model_name} from --save-model, or one converted by python -m jax_impl.convert.")
+                    f"{framework.model_name} from --save-model, or one converted by python -m bridge.convert.")
     parser.add_argument("weights", type=Path, help="checkpoint or weights file")
     parser.add_argument("--data-dir", default=None, metavar="DIR", help="MNIST directory (as for training)")
     parser.add_argument("--test-batch-size", type=int, default=DEFAULT_TEST_BATCH_SIZE, metavar="N",

@@ -1,18 +1,20 @@
-"""The run's pictures: the seed notebook's 2x2 training curves and grids of digits."""
+"""The run's pictures: the seed notebook's 2x2 training curves and grids of digits.
+
+Figures are built with matplotlib's `Figure` directly, not pyplot: nothing selects a backend
+or opens a window, so importing this module leaves the caller's matplotlib as it was (a
+notebook keeps its inline backend) and plotting works on machines without a display.
+"""
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from common.files import atomic_write_bytes  # noqa: E402
-from common.metrics import EpochRecord  # noqa: E402
+from common.files import atomic_write_bytes
+from common.metrics import EpochRecord
 
 
 def plot_curves(history: list[EpochRecord], path: Path, title: str) -> None:
@@ -24,7 +26,8 @@ def plot_curves(history: list[EpochRecord], path: Path, title: str) -> None:
         ("Test Loss", [r.test_loss for r in history]),
         ("Test Accuracy (%)", [r.test_accuracy for r in history]),
     ]
-    figure, axes = plt.subplots(2, 2, figsize=(12, 8))
+    figure = Figure(figsize=(12, 8))
+    axes = figure.subplots(2, 2)
     for axis, (name, values) in zip(axes.flat, panels, strict=True):
         axis.plot(epochs, values, marker="o")
         axis.set_title(name)
@@ -40,7 +43,8 @@ def plot_runs(histories: list[list[EpochRecord]], labels: list[str], path: Path,
     framework (the first word of the label), so seeds and frameworks can be compared at once."""
     frameworks = sorted({label.split()[0] for label in labels})
     colours = {name: f"C{index}" for index, name in enumerate(frameworks)}
-    figure, axes = plt.subplots(1, 2, figsize=(13, 5))
+    figure = Figure(figsize=(13, 5))
+    axes = figure.subplots(1, 2)
     for history, label in zip(histories, labels, strict=True):
         epochs = [record.epoch for record in history]
         style = {"color": colours[label.split()[0]], "alpha": 0.8, "marker": ".", "label": label}
@@ -64,7 +68,8 @@ def plot_digits(pixels: np.ndarray, captions: list[str], path: Path, title: str)
     count = len(pixels)
     columns = min(8, max(count, 1))
     rows = max(1, -(-count // columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.8 * rows + 0.6), squeeze=False)
+    figure = Figure(figsize=(1.6 * columns, 1.8 * rows + 0.6))
+    axes = figure.subplots(rows, columns, squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for axis, image, caption in zip(axes.flat, pixels, captions, strict=False):  # spare axes stay blank
@@ -75,8 +80,7 @@ def plot_digits(pixels: np.ndarray, captions: list[str], path: Path, title: str)
     _save(figure, path)
 
 
-def _save(figure: plt.Figure, path: Path) -> None:
+def _save(figure: Figure, path: Path) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
     atomic_write_bytes(path, buffer.getvalue())

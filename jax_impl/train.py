@@ -2,7 +2,7 @@
 
 Same flags, output and artefacts as `python -m torch_ref.train`; compiled programs are kept
 in a persistent cache (override the folder with $JAX_COMPILATION_CACHE_DIR), so a second run
-starts without compiling.
+starts without compiling. The training itself is jax_impl.training, read top to bottom.
 """
 
 from __future__ import annotations
@@ -12,9 +12,12 @@ import sys
 
 import jax
 
+from common.driver import main
+from common.framework import Framework
 from common.mnist import DEFAULT_DATA_DIR
-from common.training import Framework, main
-from jax_impl.trainer import JaxSeedGroup, JaxTrainer, read_checkpoint, read_weights
+from jax_impl.checkpoints import read_checkpoint, read_weights
+from jax_impl.evaluate import predict_with_weights
+from jax_impl.seed_group import JaxSeedGroup
 
 FRAMEWORK = Framework(
     name="jax",
@@ -22,10 +25,10 @@ FRAMEWORK = Framework(
     module="jax_impl.train",
     checkpoint_name="checkpoint.msgpack",
     model_name="model.msgpack",
-    create_trainer=JaxTrainer,
+    create_seed_group=JaxSeedGroup,
     read_checkpoint=read_checkpoint,
     read_weights=read_weights,
-    create_seed_group=JaxSeedGroup,
+    predict=predict_with_weights,
 )
 
 

@@ -10,7 +10,7 @@ import sys
 from tests.conftest import REPO_ROOT
 
 VARIANTS = {"PyTorch eager", "PyTorch channels_last", "JAX step loop, fast layers", "JAX step loop, plain layers",
-            "JAX lax.scan epoch"}
+            "JAX lax.scan epoch", "PyTorch 2 seeds in turn", "JAX 2 seeds in one program"}
 
 
 def numbers(value):
@@ -47,6 +47,8 @@ def test_quick_comparison_writes_a_complete_report(tmp_path, synthetic_dir):
             assert entry["train_images_per_second"] > 0 and entry["eval_images_per_second"] > 0
             if batch_size == "128":
                 assert entry["memory"]["peak_rss_mb"] > 0
+            # Each JAX variant compiles (or loads from the cache) its own programs; PyTorch compiles nothing.
+            assert (entry["compile_seconds"] > 0) == (entry["framework"] == "jax")
     assert report["flops"]["per_image_from_spec"] == 5_093_952
     assert report["flops"]["per_image_xla"] > 0
     values = list(numbers(report))

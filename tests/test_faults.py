@@ -22,8 +22,8 @@ import pytest
 
 from common import mnist
 from common.checkpoints import sealed_meta
+from common.driver import main
 from common.evaluation import main as evaluate
-from common.training import main
 from jax_impl.train import FRAMEWORK as JAX
 from tests.conftest import REPO_ROOT
 from torch_ref.train import FRAMEWORK as TORCH
@@ -151,7 +151,7 @@ def test_resume_rewrites_metrics_lost_between_the_two_writes(framework, finished
 def _resealed_torch_checkpoint(source: Path, destination: Path, change) -> None:
     import torch
 
-    from torch_ref.trainer import tensor_to_array
+    from torch_ref.checkpoints import tensor_to_array
 
     payload = torch.load(source, weights_only=True)
     meta = json.loads(payload.pop("meta"))

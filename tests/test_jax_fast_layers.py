@@ -17,7 +17,7 @@ import pytest
 
 from jax_impl.model import Net
 from jax_impl.ops import layers_for, resolve_ops
-from jax_impl.steps import nll_loss
+from jax_impl.training import training_loss
 from tests.parity.helpers import DROPOUT_LAYERS, flax_masks
 
 BATCH = 24  # two weight-gradient chunks of the fast convolution: 16 + 8
@@ -54,7 +54,7 @@ def run(ops: str, variables, images, labels, masks):
         with flax_masks(masks):
             log_probs, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, images,
                                              train=True, mutable=["batch_stats"])
-        return nll_loss(log_probs, labels), (log_probs, updates["batch_stats"])
+        return training_loss(log_probs, labels), (log_probs, updates["batch_stats"])
 
     (_, (trained, batch_stats)), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
     return {"eval": evaluated, "train": trained, "batch_stats": batch_stats, "grads": grads}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import os
@@ -17,24 +16,25 @@ import pytest
 
 from common.batching import plan_epoch
 from common.cli import DRY_RUN_TRAIN_BATCHES
+from common.driver import main
 from common.errors import CheckpointError
+from common.framework import TrainerConfig
 from common.metrics import read_metrics
 from common.progress import EpochProgress
 from common.recipes import BEST, SEED
-from common.training import TrainerConfig, main
 from common.transforms import augment as core_augment
 from common.transforms import normalize as core_normalize
 from jax_impl import augment
-from jax_impl.epochs import LoopEpoch, ScanEpoch
-from jax_impl.fast_layers import FAST_LAYERS
-from jax_impl.schedules import learning_rate_schedule
-from jax_impl.steps import create_train_state, eval_step, train_step
+from jax_impl.checkpoints import read_checkpoint, read_weights
+from jax_impl.evaluate import predict_with_weights
+from jax_impl.optim import learning_rate_schedule
+from jax_impl.seed_group import JaxSeedGroup
 from jax_impl.train import FRAMEWORK
-from jax_impl.trainer import JaxTrainer, read_checkpoint, read_weights
+from jax_impl.training import create_train_state, eval_step, over_seeds, train_step, variables_of
 
 REPO = Path(__file__).resolve().parent.parent
 jit_train_step = jax.jit(train_step)
-jit_eval_step = jax.jit(eval_step)
+jit_eval_step = jax.jit(eval_step, static_argnums=0)
 
 
 def small_batch(seed=0, count=32):
@@ -69,7 +69,9 @@ def test_step_rejects_wrong_layouts_and_dtypes_at_trace_time():
 def test_eval_is_deterministic():
     state = create_train_state(jax.random.key(0), SEED, steps_per_epoch=10)
     images, _ = small_batch()
-    np.testing.assert_array_equal(jit_eval_step(state, images), jit_eval_step(state, images))
+    variables = variables_of(state)
+    np.testing.assert_array_equal(jit_eval_step(state.apply_fn, variables, images),
+                                  jit_eval_step(state.apply_fn, variables, images))
 
 
 def test_step_schedule_is_steplr_per_epoch():
@@ -92,23 +94,21 @@ def test_device_augmentation_is_bit_identical_to_the_core(synthetic_mnist):
 
 
 def test_scan_epoch_and_step_loop_train_the_same(synthetic_mnist):
-    """The two epoch runners see the same batches, draws and masks. In float64 (weights and
+    """The two epoch functions see the same batches, draws and masks. In float64 (weights and
     statistics; the inputs are exact float32 values) they differ only by the order of float
     reductions inside and outside `scan`: 1e-9 relative after 4 steps leaves room for the
     growth of 1e-16 rounding differences through training, and catches any real difference."""
     plan = plan_epoch(0, 1, len(synthetic_mnist.train_labels), 64, SEED.augmentation).head(64 * 3 + 40)
-    device = jax.devices("cpu")[0]
-    key = jax.random.key(9)
+    config = TrainerConfig(SEED, device="cpu", threads=None, steps_per_epoch=4, ops="fast")
     results = []
     jax.config.update("jax_enable_x64", True)
     try:
-        for runner in (LoopEpoch(device), ScanEpoch(device)):
-            state = create_train_state(jax.random.key(0), SEED, steps_per_epoch=4, layers=FAST_LAYERS)
-            state = state.replace(params=_to_float64(state.params), batch_stats=_to_float64(state.batch_stats),
-                                  opt_state=_to_float64(state.opt_state))
+        for epoch in ("loop", "scan"):
+            group = JaxSeedGroup(config, [0], epoch=epoch)
+            group.state = _to_float64_state(group.state)
             progress = EpochProgress(1, 1, len(plan.order), enabled=False)
-            state = runner(state, key, [plan], synthetic_mnist.train_images, synthetic_mnist.train_labels, [progress])
-            results.append((state, progress.loss, progress.correct))
+            group.train_epoch([plan], synthetic_mnist.train_images, synthetic_mnist.train_labels, [progress])
+            results.append((_seed_zero(group.state), progress.loss, progress.correct))
     finally:
         jax.config.update("jax_enable_x64", False)
     (loop_state, loop_loss, loop_correct), (scan_state, scan_loss, scan_correct) = results
@@ -119,6 +119,10 @@ def test_scan_epoch_and_step_loop_train_the_same(synthetic_mnist):
                     jax.tree_util.tree_leaves((scan_state.params, scan_state.batch_stats)), strict=True):
         assert a.dtype == jnp.float64
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def _seed_zero(tree):
+    return jax.tree_util.tree_map(lambda leaf: leaf[0], tree)
 
 
 def _to_float64(tree):
@@ -180,31 +184,31 @@ def test_threads_says_where_it_cannot_work(without_affinity_calls, tmp_path, syn
 
 
 def test_checkpoint_restores_the_run_into_a_trainer_seeded_otherwise(dry_run, synthetic_mnist):
-    """A trainer built with another seed holds other weights until it restores the checkpoint;
+    """A group built with another seed holds other weights until it restores the checkpoint;
     then it holds the run's: its predictions equal those of the run's model.msgpack (written by
-    --save-model from the trainer that ran), its step counts the run's steps, and its momentum
-    buffers are the checkpoint's."""
+    --save-model from the group that ran) evaluated without a training state, its step counts
+    the run's steps, and its momentum buffers are the checkpoint's."""
     meta, payload = read_checkpoint(dry_run / "checkpoint.msgpack")
     assert meta["epoch"] == 2
-    config = TrainerConfig(BEST, seed=5, device="cpu", threads=None, steps_per_epoch=3)
+    config = TrainerConfig(BEST, device="cpu", threads=None, steps_per_epoch=3)
     images = core_normalize(synthetic_mnist.test_images[:100])
-    trainer = JaxTrainer(config)
-    before = trainer.predict(images, 50)
-    trainer.restore(payload)
-    restored = trainer.predict(images, 50)
-    run_weights = JaxTrainer(config)
-    run_weights.load_weights(read_weights(dry_run / "model.msgpack"))
+    group = JaxSeedGroup(config, [5])
+    before = group.predict(images, 50)[0]
+    group.restore(0, payload)
+    restored = group.predict(images, 50)[0]
     assert not np.allclose(before, restored, atol=1e-3)
-    np.testing.assert_array_equal(restored, run_weights.predict(images, 50))
-    assert int(trainer.state.step) == 2 * DRY_RUN_TRAIN_BATCHES  # two dry-run epochs (4 x 128 of the 640 images)
+    np.testing.assert_array_equal(restored, predict_with_weights(read_weights(dry_run / "model.msgpack"), images, 50,
+                                                                 device="cpu"))
+    state = _seed_zero(group.state)
+    assert int(state.step) == 2 * DRY_RUN_TRAIN_BATCHES  # two dry-run epochs (4 x 128 of the 640 images)
     saved_momentum = jax.tree_util.tree_leaves(payload["state"]["opt_state"])
     assert saved_momentum and all(np.abs(leaf).sum() > 0 for leaf in saved_momentum if np.ndim(leaf))
-    for ours, saved in zip(jax.tree_util.tree_leaves(trainer.state.opt_state), saved_momentum, strict=True):
+    for ours, saved in zip(jax.tree_util.tree_leaves(state.opt_state), saved_momentum, strict=True):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(saved))
 
 
 def test_resume_continues_exactly_where_an_interrupted_run_stopped(tmp_path, synthetic_dir, dry_run):
-    class StopsAfterOneEpoch(JaxTrainer):
+    class StopsAfterOneEpoch(JaxSeedGroup):
         epochs_run = 0
 
         def train_epoch(self, *args):
@@ -215,7 +219,7 @@ def test_resume_continues_exactly_where_an_interrupted_run_stopped(tmp_path, syn
 
     out = tmp_path / "interrupted"
     assert train(["--dry-run", "--out", str(out)], synthetic_dir,
-                 dataclasses.replace(FRAMEWORK, create_trainer=StopsAfterOneEpoch)) == 130
+                 dataclasses.replace(FRAMEWORK, create_seed_group=StopsAfterOneEpoch)) == 130
     assert train(["--dry-run", "--resume", str(out)], synthetic_dir) == 0
     resumed, uninterrupted = read_metrics(out / "metrics.jsonl"), read_metrics(dry_run / "metrics.jsonl")
     assert [(r.train_loss, r.test_loss, r.test_accuracy) for r in resumed] == \
@@ -255,52 +259,37 @@ def test_help_equals_torch_ref_word_for_word():
     assert ours.replace("jax_impl.train", "torch_ref.train").replace(" with JAX.", " with PyTorch.") == theirs
 
 
-def test_no_jax_impl_module_imports_torch():
-    """Only jax_impl/convert.py may import torch (or torch_ref), and only inside a function, so
-    that `import jax_impl.convert` works without torch until a .pt file is touched."""
-    for path in (REPO / "jax_impl").glob("*.py"):
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            if any(name.split(".")[0] in ("torch", "torch_ref") for name in names):
-                assert path.name == "convert.py", f"{path.name} imports {names}"
-                assert node not in tree.body, f"convert.py imports {names} at module level"
-
-
 @pytest.mark.parametrize("vectorised", [True, False], ids=["vmap", "seed-by-seed"])
 def test_seed_group_follows_each_single_run(synthetic_mnist, vectorised):
-    """Seed k of a seed group (JaxSeedGroup; vmapped, or seed by seed as on CPU) against a
-    single run of seed k, 3 steps of 64 real images with dropout. float64, so that only the
+    """Seed k of a group of two (vmapped, or seed by seed as on CPU) against a group of one
+    holding seed k alone, 3 steps of 64 images with dropout. float64, so that only the
     batching of the vmapped convolutions can reorder sums: 1e-9 relative, as for the two
-    epoch runners."""
-    from common.batching import plan_epoch
-    from jax_impl.trainer import JaxSeedGroup
-
+    epoch functions."""
     seeds = [3, 5]
-    config = TrainerConfig(SEED.with_overrides(batch_size=64), seed=0, device="cpu", threads=None, steps_per_epoch=3)
+    config = TrainerConfig(SEED.with_overrides(batch_size=64), device="cpu", threads=None, steps_per_epoch=3)
     jax.config.update("jax_enable_x64", True)
     try:
         count = len(synthetic_mnist.train_labels)
         plans = [plan_epoch(seed, 1, count, 64, SEED.augmentation).head(64 * 3) for seed in seeds]
         group = JaxSeedGroup(config, seeds)
-        group.epoch_runner = LoopEpoch(group.device, grouped=True, vectorised=vectorised)
+        group.step = jax.jit(over_seeds(train_step, (0, 0, 0), vectorised), donate_argnums=0)
         group.state = _to_float64_state(group.state)
         group_progress = [EpochProgress(1, 1, 192, enabled=False) for _ in seeds]
         group.train_epoch(plans, synthetic_mnist.train_images, synthetic_mnist.train_labels, group_progress)
         for index, (seed, plan) in enumerate(zip(seeds, plans, strict=True)):
-            single = JaxTrainer(dataclasses.replace(config, seed=seed))
+            single = JaxSeedGroup(config, [seed])
             single.state = _to_float64_state(single.state)
             progress = EpochProgress(1, 1, 192, enabled=False)
-            single.train_epoch(plan, synthetic_mnist.train_images, synthetic_mnist.train_labels, progress)
+            single.train_epoch([plan], synthetic_mnist.train_images, synthetic_mnist.train_labels, [progress])
             assert group_progress[index].loss == pytest.approx(progress.loss, rel=1e-9)
             assert group_progress[index].correct == progress.correct
             ours = jax.tree_util.tree_map(lambda leaf, i=index: leaf[i], (group.state.params, group.state.batch_stats))
             for a, b in zip(jax.tree_util.tree_leaves(ours),
-                            jax.tree_util.tree_leaves((single.state.params, single.state.batch_stats)), strict=True):
+                            jax.tree_util.tree_leaves(_seed_zero((single.state.params, single.state.batch_stats))),
+                            strict=True):
                 np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
         images = core_normalize(synthetic_mnist.test_images[:50])
-        np.testing.assert_allclose(group.predict(images, 25)[1], single.predict(images, 25), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(group.predict(images, 25)[1], single.predict(images, 25)[0], rtol=1e-9, atol=1e-12)
     finally:
         jax.config.update("jax_enable_x64", False)
 

@@ -23,7 +23,7 @@ import pytest
 
 from jax_impl.model import Net
 from jax_impl.ops import layers_for
-from jax_impl.steps import nll_loss
+from jax_impl.training import training_loss
 
 BATCH = 6
 
@@ -51,7 +51,7 @@ def setup(request):
                              mutable=["batch_stats"])
         return out
 
-    return log_probs, jax.jit(lambda p: nll_loss(log_probs(p, images), labels)), params, images, direction
+    return log_probs, jax.jit(lambda p: training_loss(log_probs(p, images), labels)), params, images, direction
 
 
 def moved(params, direction, step):

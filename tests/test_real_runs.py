@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import pytest
 
+from common.driver import main
 from common.metrics import read_metrics
-from common.training import main
 from jax_impl.train import FRAMEWORK as JAX
 from torch_ref.train import FRAMEWORK as TORCH
 

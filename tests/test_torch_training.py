@@ -9,13 +9,17 @@ import numpy as np
 import pytest
 
 from common.cli import build_parser
+from common.driver import main
 from common.errors import CheckpointError, TrainingDivergedError
+from common.framework import TrainerConfig
 from common.metrics import read_metrics
 from common.progress import EpochProgress
 from common.recipes import BEST, SEED
-from common.training import TrainerConfig, main
+from torch_ref import data
+from torch_ref.checkpoints import read_checkpoint, read_weights
+from torch_ref.evaluate import predict_with_weights
+from torch_ref.seed_group import TorchSeedGroup
 from torch_ref.train import FRAMEWORK
-from torch_ref.trainer import TorchTrainer, read_checkpoint
 
 
 def train(args, data_dir, framework=FRAMEWORK) -> int:
@@ -47,32 +51,33 @@ def test_dry_run_writes_every_artefact(dry_run):
 
 
 def test_checkpoint_restores_the_run_into_a_trainer_seeded_otherwise(dry_run, synthetic_mnist):
-    """A trainer built with another seed holds other weights until it restores the checkpoint;
+    """A group built with another seed holds other weights until it restores the checkpoint;
     then it holds the run's: its predictions equal those of the run's model.pt (written by
-    --save-model from the trainer that ran), its momentum buffers are the checkpoint's, and its
-    schedule continues where the run stopped (still warming up, past the last logged epoch's
-    lr), not at a fresh trainer's starting lr."""
+    --save-model from the group that ran) evaluated without a training state, its momentum
+    buffers are the checkpoint's, and its schedule continues where the run stopped (still
+    warming up, past the last logged epoch's lr), not at a fresh group's starting lr."""
     import torch
 
-    meta, state = read_checkpoint(dry_run / "checkpoint.pt")
+    meta, payload = read_checkpoint(dry_run / "checkpoint.pt")
     assert meta["epoch"] == 2 and len(meta["history"]) == 2
-    config = TrainerConfig(BEST, seed=5, device="cpu", threads=1, steps_per_epoch=3)
+    config = TrainerConfig(BEST, device="cpu", threads=1, steps_per_epoch=3)
     images = (synthetic_mnist.test_images[:100] / 255.0).astype(np.float32)
-    trainer = TorchTrainer(config)
-    before = trainer.predict(images, 50)
-    trainer.restore(read_checkpoint(dry_run / "checkpoint.pt")[1])
-    restored = trainer.predict(images, 50)
-    run_weights = TorchTrainer(config)
-    run_weights.load_weights(torch.load(dry_run / "model.pt", weights_only=True))
+    group = TorchSeedGroup(config, [5])
+    before = group.predict(images, 50)[0]
+    group.restore(0, read_checkpoint(dry_run / "checkpoint.pt")[1])
+    restored = group.predict(images, 50)[0]
     assert not np.allclose(before, restored, atol=1e-3)
-    np.testing.assert_array_equal(restored, run_weights.predict(images, 50))
+    np.testing.assert_array_equal(restored, predict_with_weights(read_weights(dry_run / "model.pt"), images, 50,
+                                                                 device="cpu"))
     # One buffer per parameter: 6 convolution kernels, 5 BatchNorm weights and 5 biases.
-    saved_buffers = [entry["momentum_buffer"] for entry in state["optimizer"]["state"].values()]
-    ours = [trainer.optimizer.state[p]["momentum_buffer"] for p in trainer.model.parameters()]
+    state = group.states[0]
+    saved_buffers = [entry["momentum_buffer"] for entry in payload["optimizer"]["state"].values()]
+    ours = [state.optimizer.state[p]["momentum_buffer"] for p in state.model.parameters()]
     assert len(ours) == len(saved_buffers) == 16 and all(buffer.abs().sum() > 0 for buffer in saved_buffers)
     for mine, saved in zip(ours, saved_buffers, strict=True):
         assert torch.equal(mine, saved)
-    assert trainer.learning_rate() > meta["history"][-1]["lr"] > BEST.lr / BEST.schedule.div_factor
+    assert torch.equal(state.rng, payload["rng"])
+    assert group.learning_rate() > meta["history"][-1]["lr"] > BEST.lr / BEST.schedule.div_factor
 
 
 def test_fast_ops_is_channels_last_with_the_same_predictions(dry_run, synthetic_mnist):
@@ -80,17 +85,18 @@ def test_fast_ops_is_channels_last_with_the_same_predictions(dry_run, synthetic_
     different summation orders leave ~1e-15, and 1e-12 proves the same function."""
     import torch
 
-    _, state = read_checkpoint(dry_run / "checkpoint.pt")
+    _, payload = read_checkpoint(dry_run / "checkpoint.pt")
     images = (synthetic_mnist.test_images[:64] / 255.0).astype(np.float64)
     outputs = {}
     for ops in ("plain", "fast"):
-        trainer = TorchTrainer(TrainerConfig(BEST, seed=0, device="cpu", threads=1, steps_per_epoch=4, ops=ops))
-        trainer.restore(state)
-        assert trainer.describe()["ops"] == ops
-        assert trainer.model.conv2.weight.is_contiguous(memory_format=torch.channels_last) == (ops == "fast")
-        trainer.model.double().eval()
+        group = TorchSeedGroup(TrainerConfig(BEST, device="cpu", threads=1, steps_per_epoch=4, ops=ops), [0])
+        group.restore(0, payload)
+        model = group.states[0].model
+        assert group.describe()["ops"] == ops
+        assert model.conv2.weight.is_contiguous(memory_format=torch.channels_last) == (ops == "fast")
+        model.double().eval()
         with torch.no_grad():
-            outputs[ops] = trainer.model(torch.from_numpy(images[:, None])).numpy()
+            outputs[ops] = model(torch.from_numpy(images[:, None])).numpy()
     np.testing.assert_allclose(outputs["fast"], outputs["plain"], rtol=1e-12, atol=1e-12)
 
 
@@ -103,7 +109,7 @@ def test_saved_model_loads_into_the_original_architecture(dry_run):
 
 
 def test_resume_continues_exactly_where_an_interrupted_run_stopped(tmp_path, synthetic_dir, dry_run):
-    class StopsAfterOneEpoch(TorchTrainer):
+    class StopsAfterOneEpoch(TorchSeedGroup):
         epochs_run = 0
 
         def train_epoch(self, *args):
@@ -113,7 +119,7 @@ def test_resume_continues_exactly_where_an_interrupted_run_stopped(tmp_path, syn
             super().train_epoch(*args)
 
     out = tmp_path / "interrupted"
-    interrupted = dataclasses.replace(FRAMEWORK, create_trainer=StopsAfterOneEpoch)
+    interrupted = dataclasses.replace(FRAMEWORK, create_seed_group=StopsAfterOneEpoch)
     assert train(["--dry-run", "--out", str(out)], synthetic_dir, interrupted) == 130
     assert [r.epoch for r in read_metrics(out / "metrics.jsonl")] == [1]
     assert train(["--dry-run", "--resume", str(out)], synthetic_dir) == 0
@@ -211,16 +217,42 @@ def test_gpu_resident_batches_equal_host_batches(synthetic_mnist):
 
     from common.batching import plan_epoch
 
-    trainer = TorchTrainer(TrainerConfig(SEED, seed=0, device="cpu", threads=1, steps_per_epoch=3))
     plan = plan_epoch(0, 1, len(synthetic_mnist.train_labels), 100, SEED.augmentation).head(250)
-    host = list(trainer._host_batches(plan, synthetic_mnist.train_images, synthetic_mnist.train_labels))
-    resident = list(trainer._resident_batches(plan, synthetic_mnist.train_images, synthetic_mnist.train_labels))
+    cpu = torch.device("cpu")
+    host = list(data.host_batches(plan, synthetic_mnist.train_images, synthetic_mnist.train_labels, cpu))
+    resident_data = data.ResidentData(cpu)(synthetic_mnist.train_images, synthetic_mnist.train_labels)
+    resident = list(data.resident_batches(plan, *resident_data))
     assert len(host) == len(resident) == 3
     for (host_x, host_y), (dev_x, dev_y) in zip(host, resident, strict=True):
         assert torch.equal(host_x, dev_x) and torch.equal(host_y, dev_y)
 
 
-def test_seeds_run_one_after_another_with_a_summary(tmp_path, synthetic_dir):
+def test_seed_group_follows_each_single_run(synthetic_mnist):
+    """Seed k of a group of two, trained in turn with the other, against a group of one
+    holding seed k alone: each seed keeps its own random stream (dropout) between epochs, so
+    two epochs give bit-identical weights, statistics and predictions."""
+    import torch
+
+    from common.batching import plan_epoch
+
+    seeds = [3, 5]
+    config = TrainerConfig(SEED.with_overrides(batch_size=64), device="cpu", threads=1, steps_per_epoch=3)
+    count = len(synthetic_mnist.train_labels)
+    group, alone = TorchSeedGroup(config, seeds), TorchSeedGroup(config, [5])
+    for epoch in (1, 2):
+        plans = [plan_epoch(seed, epoch, count, 64, SEED.augmentation).head(64 * 3) for seed in seeds]
+        group.train_epoch(plans, synthetic_mnist.train_images, synthetic_mnist.train_labels,
+                          [EpochProgress(epoch, 2, 192, enabled=False) for _ in seeds])
+        alone.train_epoch(plans[1:], synthetic_mnist.train_images, synthetic_mnist.train_labels,
+                          [EpochProgress(epoch, 2, 192, enabled=False)])
+    ours, theirs = group.states[1].model.state_dict(), alone.states[0].model.state_dict()
+    assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
+    assert not torch.equal(group.states[0].model.conv1.weight, group.states[1].model.conv1.weight)
+    images = (synthetic_mnist.test_images[:50] / 255.0).astype(np.float32)
+    np.testing.assert_array_equal(group.predict(images, 25)[1], alone.predict(images, 25)[0])
+
+
+def test_seeds_train_as_a_group_with_a_summary(tmp_path, synthetic_dir):
     out = tmp_path / "seeds"
     assert train(["--dry-run", "--seeds", "1,2", "--validation", "--out", str(out)], synthetic_dir) == 0
     summary = json.loads((out / "summary.json").read_text())

@@ -1,9 +1,34 @@
-"""`python -m torch_ref.evaluate WEIGHTS`: test accuracy of PyTorch weights (see --help)."""
+"""`python -m torch_ref.evaluate WEIGHTS`: test accuracy of PyTorch weights (see --help).
+
+Builds the model and loads its weights, nothing else: evaluation needs no optimiser state.
+"""
+
+from __future__ import annotations
 
 import sys
 
+import numpy as np
+import torch
+
 from common.evaluation import main
-from torch_ref.train import FRAMEWORK
+from torch_ref.checkpoints import load_weights
+from torch_ref.devices import resolve_ops, select_device
+from torch_ref.model import Net
+from torch_ref.training import predict
+
+
+def predict_with_weights(state_dict: dict, images: np.ndarray, batch_size: int, device: str = "auto",
+                         ops: str = "auto") -> np.ndarray:
+    """Eval-mode log-probabilities of normalised images (N, 28, 28) under `state_dict`."""
+    torch_device = select_device(device)
+    model = Net().to(torch_device)
+    load_weights(model, state_dict)
+    if resolve_ops(ops) == "fast":
+        model = model.to(memory_format=torch.channels_last)
+    return predict(model, images, batch_size, torch_device)
+
 
 if __name__ == "__main__":
+    from torch_ref.train import FRAMEWORK
+
     sys.exit(main(FRAMEWORK))

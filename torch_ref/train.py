@@ -1,11 +1,18 @@
-"""`python -m torch_ref.train`: train the Session 6 model with PyTorch (see --help)."""
+"""`python -m torch_ref.train`: train the Session 6 model with PyTorch (see --help).
+
+Same flags, output and artefacts as `python -m jax_impl.train`. The training itself is
+torch_ref.training, read top to bottom.
+"""
 
 from __future__ import annotations
 
 import sys
 
-from common.training import Framework, main
-from torch_ref.trainer import TorchTrainer, read_checkpoint, read_weights
+from common.driver import main
+from common.framework import Framework
+from torch_ref.checkpoints import read_checkpoint, read_weights
+from torch_ref.evaluate import predict_with_weights
+from torch_ref.seed_group import TorchSeedGroup
 
 FRAMEWORK = Framework(
     name="torch",
@@ -13,9 +20,10 @@ FRAMEWORK = Framework(
     module="torch_ref.train",
     checkpoint_name="checkpoint.pt",
     model_name="model.pt",
-    create_trainer=TorchTrainer,
+    create_seed_group=TorchSeedGroup,
     read_checkpoint=read_checkpoint,
     read_weights=read_weights,
+    predict=predict_with_weights,
 )
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Paired models for the parity suite: one set of weights, in PyTorch and in Flax.
 
 The PyTorch model is the source of truth; its weights, including non-trivial BatchNorm
-statistics and affine parameters, are converted with `jax_impl.convert` (so the conversion is
+statistics and affine parameters, are converted with `bridge.convert` (so the conversion is
 under test everywhere the pair is used). Dropout masks are injected into both frameworks, in
 PyTorch with forward hooks and in Flax with `nn.intercept_methods`, because the two draw
 different masks from the same seed by design. The Flax model is built from the layers a test
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from flax import linen as nn
 
-from jax_impl.convert import torch_to_flax
+from bridge.convert import torch_to_flax
 from jax_impl.model import Layers
 from jax_impl.model import Net as FlaxNet
 from torch_ref.model import Net as TorchNet

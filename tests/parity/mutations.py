@@ -78,7 +78,7 @@ def channel_wise_dropout() -> None:
 
 def kernel_transposed_wrong() -> None:
     """OIHW -> WHIO (all axes reversed) instead of OIHW -> HWIO: same shape for 3x3 kernels."""
-    from jax_impl import convert
+    from bridge import convert
 
     convert.CONV_TO_FLAX = (3, 2, 1, 0)
     convert.CONV_TO_TORCH = (3, 2, 1, 0)
@@ -86,26 +86,26 @@ def kernel_transposed_wrong() -> None:
 
 def steplr_per_step() -> None:
     """StepLR's decay every `step_size` optimiser steps instead of every `step_size` epochs."""
-    from jax_impl import schedules
+    from jax_impl import optim
 
     def per_step(recipe, steps_per_epoch):
         return optax.exponential_decay(recipe.lr, transition_steps=recipe.schedule.step_size,
                                        decay_rate=recipe.schedule.gamma, staircase=True)
 
-    schedules.learning_rate_schedule = per_step
+    optim.learning_rate_schedule = per_step
 
 
 def decoupled_weight_decay() -> None:
     """Weight decay added after the momentum buffer (decoupled, AdamW-style) instead of to the
     gradient before it, as torch.optim.SGD does."""
-    from jax_impl import schedules
+    from jax_impl import optim
 
     def make_optimizer(recipe, steps_per_epoch):
         momentum = [optax.trace(decay=recipe.momentum, nesterov=recipe.nesterov)] if recipe.momentum else []
         return optax.chain(*momentum, optax.add_decayed_weights(recipe.weight_decay),
-                           optax.scale_by_learning_rate(schedules.learning_rate_schedule(recipe, steps_per_epoch)))
+                           optax.scale_by_learning_rate(optim.learning_rate_schedule(recipe, steps_per_epoch)))
 
-    schedules.make_optimizer = make_optimizer
+    optim.make_optimizer = make_optimizer
 
 
 def log_softmax_over_batch() -> None:
@@ -118,20 +118,20 @@ def log_softmax_over_batch() -> None:
 
 def loss_summed_over_batch() -> None:
     """The loss summed over the batch instead of averaged (reduction "sum" for PyTorch's "mean")."""
-    from jax_impl import steps
+    from jax_impl import training
 
-    mean_loss = steps.nll_loss
-    steps.nll_loss = lambda log_probs, labels, label_smoothing=0.0: (
+    mean_loss = training.training_loss
+    training.training_loss = lambda log_probs, labels, label_smoothing=0.0: (
         mean_loss(log_probs, labels, label_smoothing) * labels.shape[0])
 
 
 def dropout_key_reused() -> None:
     """The same dropout key at every step (the step number never folded in), so every training
     step drops the same activations."""
-    from jax_impl import steps
+    from jax_impl import training
 
     random = types.SimpleNamespace(**{**vars(jax.random), "fold_in": lambda key, data: key})
-    steps.jax = types.SimpleNamespace(**{**vars(jax), "random": random})
+    training.jax = types.SimpleNamespace(**{**vars(jax), "random": random})
 
 
 MUTATIONS = {function.__name__: function for function in (

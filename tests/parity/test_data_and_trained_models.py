@@ -11,19 +11,20 @@ import numpy as np
 import pytest
 import torch
 
+from bridge.convert import convert_file
 from common.batching import plan_epoch
+from common.driver import main
 from common.evaluation import evaluate_file
+from common.framework import TrainerConfig
 from common.progress import EpochProgress
 from common.recipes import SEED
-from common.training import TrainerConfig, main
 from jax_impl import augment
-from jax_impl.convert import convert_file
+from jax_impl.seed_group import JaxSeedGroup
 from jax_impl.train import FRAMEWORK as JAX
-from jax_impl.trainer import JaxTrainer
+from torch_ref.seed_group import TorchSeedGroup
 from torch_ref.train import FRAMEWORK as TORCH
-from torch_ref.trainer import TorchTrainer
 
-CONFIG = TrainerConfig(SEED, seed=0, device="cpu", threads=None, steps_per_epoch=3)
+CONFIG = TrainerConfig(SEED, device="cpu", threads=None, steps_per_epoch=3)
 
 
 def test_same_seed_feeds_identical_batches_to_both_trainers(synthetic_mnist, ops):
@@ -31,21 +32,22 @@ def test_same_seed_feeds_identical_batches_to_both_trainers(synthetic_mnist, ops
     torch_inputs, jax_inputs = [], []
 
     config = dataclasses.replace(CONFIG, ops=ops)
-    torch_trainer = TorchTrainer(config)
-    torch_trainer.model.register_forward_pre_hook(lambda module, args: torch_inputs.append(args[0].numpy().copy()))
-    torch_trainer.train_epoch(plan, synthetic_mnist.train_images, synthetic_mnist.train_labels,
-                              EpochProgress(1, 1, 138, enabled=False))
+    torch_group = TorchSeedGroup(config, [0])
+    torch_group.states[0].model.register_forward_pre_hook(
+        lambda module, args: torch_inputs.append(args[0].numpy().copy()))
+    torch_group.train_epoch([plan], synthetic_mnist.train_images, synthetic_mnist.train_labels,
+                            [EpochProgress(1, 1, 138, enabled=False)])
 
-    jax_trainer = JaxTrainer(config)
-    compiled_step = jax_trainer.epoch_runner.step
+    jax_group = JaxSeedGroup(config, [0])
+    compiled_step = jax_group.step
 
-    def recording_step(signature, state, batch, key):
-        jax_inputs.append((np.asarray(batch[0]), np.asarray(batch[1])))
-        return compiled_step(signature, state, batch, key)
+    def recording_step(state, batch, keys):
+        jax_inputs.append((np.asarray(batch[0][0]), np.asarray(batch[1][0])))  # seed 0 of a group of one
+        return compiled_step(state, batch, keys)
 
-    jax_trainer.epoch_runner.step = recording_step
-    jax_trainer.train_epoch(plan, synthetic_mnist.train_images, synthetic_mnist.train_labels,
-                            EpochProgress(1, 1, 138, enabled=False))
+    jax_group.step = recording_step
+    jax_group.train_epoch([plan], synthetic_mnist.train_images, synthetic_mnist.train_labels,
+                          [EpochProgress(1, 1, 138, enabled=False)])
 
     assert [len(x) for x in torch_inputs] == [len(x) for x, _ in jax_inputs] == [64, 64, 10]
     for torch_batch, (jax_batch, jax_labels), positions in zip(torch_inputs, jax_inputs, plan.batch_slices(),

@@ -11,7 +11,7 @@ from flax import linen as nn
 
 from common.recipes import SEED
 from jax_impl.model import Net as FlaxNet
-from jax_impl.steps import create_train_state, train_step
+from jax_impl.training import create_train_state, train_step
 from tests.parity.helpers import flax_variables, nchw_to_nhwc, torch_model
 
 
@@ -56,7 +56,7 @@ def test_each_training_step_draws_new_masks_in_both(synthetic_images, layers):
     """Two consecutive training steps drop independent activations. With Bernoulli(0.85) masks,
     two independent draws agree at a share 0.85^2 + 0.15^2 = 0.745 of the elements (identical
     masks: 1.0). 32 x 16 x 24 x 24 = 295k elements, so the share has a standard deviation of
-    8e-4; five of them is the bound. JAX runs jax_impl.steps.train_step itself, whose masks come
+    8e-4; five of them is the bound. JAX runs jax_impl.training.train_step itself, whose masks come
     from the run's key and the step number."""
     images = synthetic_images[:32]
     expected_agreement, bound = 0.85**2 + 0.15**2, 5 * 8e-4

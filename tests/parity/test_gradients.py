@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from jax_impl.convert import flax_to_torch
-from jax_impl.steps import nll_loss
+from bridge.convert import flax_to_torch
+from jax_impl import training as jax_training
 from tests.parity.helpers import dropout_masks, flax_forward, flax_variables, nchw_to_nhwc, torch_model
-from torch_ref.trainer import training_loss
+from torch_ref import training as torch_training
 
 
 def torch_gradients(model, images, labels, masks, label_smoothing):
@@ -31,7 +31,7 @@ def torch_gradients(model, images, labels, masks, label_smoothing):
     model.train()
     model.zero_grad()
     with torch_masks(model, masks):
-        loss = training_loss(model(images), labels, label_smoothing)
+        loss = torch_training.training_loss(model(images), labels, label_smoothing)
     loss.backward()
     return loss.item(), {name: p.grad.detach().numpy() for name, p in model.named_parameters()}
 
@@ -40,7 +40,7 @@ def flax_gradients(variables, images, labels, masks, compiled, label_smoothing, 
     def loss_fn(params):
         log_probs, _ = flax_forward({"params": params, "batch_stats": variables["batch_stats"]}, images, True, masks,
                                     layers)
-        return nll_loss(log_probs, labels, label_smoothing)
+        return jax_training.training_loss(log_probs, labels, label_smoothing)
 
     value_and_grad = jax.value_and_grad(loss_fn)
     if compiled:

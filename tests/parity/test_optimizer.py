@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from common.recipes import RECIPES, SEED, OneCycleSchedule
-from jax_impl.schedules import learning_rate_schedule, make_optimizer
-from torch_ref.trainer import make_scheduler
+from jax_impl.optim import learning_rate_schedule, make_optimizer
+from torch_ref.optim import make_scheduler
 
 STEPS_PER_EPOCH = 235  # ceil(60000 / 256): the seed recipe's epochs, last batch included
 
@@ -70,7 +70,7 @@ SGD_VARIANTS = {
 
 @pytest.mark.parametrize("variant", sorted(SGD_VARIANTS))
 def test_sgd_updates_match_torch_at_every_step(variant, float64):
-    """torch.optim.SGD and the project's optax optimiser (jax_impl.schedules.make_optimizer),
+    """torch.optim.SGD and the project's optax optimiser (jax_impl.optim.make_optimizer),
     built from the same recipe fields, step by step: after each of five updates with different
     gradients the parameters agree. PyTorch adds weight decay to the gradient before the
     momentum buffer (coupled, not AdamW-style decoupled), and its Nesterov step is

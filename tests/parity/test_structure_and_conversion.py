@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from bridge.convert import ConversionError, flax_path, flax_to_torch, torch_to_flax
 from common.spec import LAYER_TABLE, TOTAL_PARAMS
-from jax_impl.convert import ConversionError, flax_path, flax_to_torch, torch_to_flax
 from jax_impl.model import Net as FlaxNet
 from jax_impl.summary import layer_rows as flax_rows
 from tests.parity.helpers import flax_variables, torch_model

@@ -30,13 +30,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bridge.convert import flax_to_torch
 from common.batching import Batch, plan_epoch, train_batches
 from common.mnist import Mnist
 from common.recipes import SEED
-from jax_impl.convert import flax_to_torch
-from jax_impl.steps import create_train_state, train_step
+from jax_impl.training import create_train_state, train_step
 from tests.parity.helpers import dropout_masks, flax_masks, flax_variables, nchw_to_nhwc, torch_masks, torch_model
-from torch_ref.trainer import make_scheduler
+from torch_ref.optim import make_scheduler
 
 STEPS = 100
 BATCH = 64

@@ -1,4 +1,6 @@
-"""Recipes' learning-rate schedules as optax schedules, which are functions of the step.
+"""The optimiser and learning-rate schedule of a recipe, in optax (torch_ref.optim: torch.optim).
+
+optax schedules are functions of the step.
 
 PyTorch steps an epoch-level scheduler once per epoch; optax asks for the learning rate of
 every optimiser step. The translation is exact when the schedule is written in steps with

@@ -1,10 +1,11 @@
-"""Weights between PyTorch and Flax, both ways: the one module of jax_impl that touches torch.
+"""Weights between PyTorch and Flax, both ways: the bridge between torch_ref and jax_impl.
 
 Every PyTorch key maps to one Flax path and one layout change, in `flax_path`; a missing,
-extra or misshaped key is an error that names it, never a silent reshape. torch is imported
-only when a .pt file is read or written.
+extra or misshaped key is an error that names it, never a silent reshape. This package is the
+only one that imports both frameworks, so that torch_ref and jax_impl stand side by side on
+common and neither imports the other.
 
-    python -m jax_impl.convert SOURCE DESTINATION
+    python -m bridge.convert SOURCE DESTINATION
 
 converts a checkpoint or model file of either framework (.pt <-> .msgpack) into a weights file
 of the other, which `python -m torch_ref.evaluate` or `python -m jax_impl.evaluate` can read.
@@ -21,13 +22,15 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import torch
 from flax import serialization
 
 from common.errors import CheckpointError, UserFacingError
 from common.files import atomic_write_bytes
+from jax_impl.checkpoints import read_checkpoint
+from jax_impl.checkpoints import read_weights as read_flax_weights
 from jax_impl.model import Net
-from jax_impl.trainer import read_checkpoint
-from jax_impl.trainer import read_weights as read_flax_weights
+from torch_ref.checkpoints import read_weights as read_torch_weights
 
 CONV_TO_FLAX = (2, 3, 1, 0)  # OIHW -> HWIO
 CONV_TO_TORCH = (3, 2, 0, 1)  # HWIO -> OIHW
@@ -118,8 +121,6 @@ def _torch_key(path: tuple[str, str, str]) -> str:
 
 def write_torch_weights(path: Path, state_dict: Mapping[str, np.ndarray]) -> None:
     """A PyTorch state_dict file (tensors only, loadable with weights_only=True)."""
-    import torch  # the only torch import in jax_impl, and only when a .pt file is written
-
     buffer = io.BytesIO()
     torch.save({key: torch.from_numpy(np.array(value)) for key, value in state_dict.items()}, buffer)
     atomic_write_bytes(path, buffer.getvalue())
@@ -135,8 +136,6 @@ def convert_file(source: Path, destination: Path) -> str:
     """Convert between .pt and .msgpack files; returns a one-line description."""
     kinds = (source.suffix, destination.suffix)
     if kinds == (".pt", ".msgpack"):
-        from torch_ref.trainer import read_weights as read_torch_weights  # imports torch
-
         state_dict = {key: value.cpu().numpy() for key, value in read_torch_weights(source).items()}
         write_flax_weights(destination, torch_to_flax(state_dict))
     elif kinds == (".msgpack", ".pt"):
@@ -157,7 +156,7 @@ def _training_steps(path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m jax_impl.convert",
+        prog="python -m bridge.convert",
         description="Convert a checkpoint or model file between torch_ref (.pt) and jax_impl (.msgpack).")
     parser.add_argument("source", type=Path, help="checkpoint.pt, model.pt, checkpoint.msgpack or model.msgpack")
     parser.add_argument("destination", type=Path, help="the weights file to write, of the other framework")

@@ -1,0 +1,1 @@
+"""The one package that imports both torch_ref and jax_impl: weight conversion between them."""

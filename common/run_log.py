@@ -1,0 +1,109 @@
+"""Everything one seed's run writes into its directory, and its lines on the console.
+
+The order is what makes a run safe to interrupt: the checkpoint first (atomically), then the
+metrics and plots, then the console line; nothing of an epoch whose state or loss is not
+finite is written at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from common.batching import EpochPlan
+from common.errors import TrainingDivergedError
+from common.files import atomic_write_bytes, write_json
+from common.framework import Framework
+from common.metrics import EpochRecord, Evaluation, write_metrics
+from common.mnist import Mnist
+from common.plots import plot_curves, plot_digits
+from common.settings import RunSettings
+
+GRID_IMAGES = 32
+
+
+@dataclass(frozen=True)
+class EvaluationSet:
+    """The images every epoch is evaluated on: the test set, or the validation split."""
+
+    name: str  # "Test" or "Validation"
+    pixels: np.ndarray  # uint8, for the misclassified grid
+    inputs: np.ndarray  # normalised
+    labels: np.ndarray
+
+
+class RunLog:
+    """One seed's run directory: config.json, checkpoint, metrics.jsonl, plots, model file."""
+
+    def __init__(self, framework: Framework, settings: RunSettings, facts: dict, evaluation_set: EvaluationSet):
+        self.framework, self.settings, self.evaluation_set = framework, settings, evaluation_set
+        self.history: list[EpochRecord] = []
+        settings.out.mkdir(parents=True, exist_ok=True)
+        write_json(settings.out / "config.json", {**settings.to_dict(), "framework": facts, "command": sys.argv})
+
+    def resume_history(self, history: list[dict]) -> None:
+        """The resumed checkpoint's epochs. The checkpoint is the truth: a run killed between its
+        two writes may have lost the metrics line of the checkpointed epoch, so it is rewritten."""
+        self.history = [EpochRecord(**record) for record in history]
+        write_metrics(self.settings.out / "metrics.jsonl", self.history)
+
+    def plot_samples(self, plan: EpochPlan, data: Mnist) -> None:
+        positions = slice(0, min(GRID_IMAGES, len(plan.order)))
+        pixels = plan.augmented_pixels(data.train_images, positions)
+        labels = data.train_labels[plan.order[positions]]
+        plot_digits(pixels, [f"label {y}" for y in labels], self.settings.out / "samples.png",
+                    "Augmented training images (epoch 1)")
+
+    def refuse_non_finite(self, evaluation: Evaluation, state_is_finite: bool) -> None:
+        """Stop before anything of a diverged epoch is written: checkpoint, metrics and plots keep
+        the last good epoch."""
+        if state_is_finite and np.isfinite(evaluation.loss):
+            return
+        epoch = len(self.history) + 1
+        what = ("weights or BatchNorm statistics are" if not state_is_finite
+                else f"{self.evaluation_set.name.lower()} loss is")
+        raise TrainingDivergedError(
+            f"{self.settings.out}: after epoch {epoch} the {what} no longer finite. Training stopped "
+            f"and nothing of epoch {epoch} was saved; the checkpoint and metrics of the last completed epoch "
+            "are untouched. Lower --lr (or check the recipe) and start again."
+        )
+
+    def end_epoch(self, record: EpochRecord, evaluation: Evaluation, checkpoint: Callable[[dict], bytes]) -> None:
+        """Checkpoint first (atomically), then metrics and plots, then the console line."""
+        self.history.append(record)
+        meta = {"framework": self.framework.name, "epoch": record.epoch,
+                "settings": self.settings.to_dict(), "history": [dataclasses.asdict(r) for r in self.history]}
+        out = self.settings.out
+        atomic_write_bytes(out / self.framework.checkpoint_name, checkpoint(meta))
+        write_metrics(out / "metrics.jsonl", self.history)
+        plot_curves(self.history, out / "curves.png",
+                    f"{self.framework.title}, recipe {self.settings.recipe.name}, seed {self.settings.seed}")
+        compiling = f" (incl. {record.compile_seconds:.1f} s compiling)" if record.compile_seconds else ""
+        tqdm.write(
+            f"{self._prefix()}epoch {record.epoch:2d}  lr {record.lr:.5f}  train loss {record.train_loss:.4f} "
+            f"acc {record.train_accuracy:.2f}%  |  {self.evaluation_set.name} set: average loss "
+            f"{record.test_loss:.4f}, accuracy {evaluation.correct}/{len(self.evaluation_set.labels)} "
+            f"({record.test_accuracy:.2f}%)  |  {record.epoch_seconds:.1f} s train, "
+            f"{record.eval_seconds:.1f} s {self.evaluation_set.name.lower()}{compiling}"
+        )
+
+    def finish(self, evaluation: Evaluation, model: bytes | None) -> None:
+        """The misclassified grid, the --save-model file and the final line."""
+        out, labels = self.settings.out, self.evaluation_set.labels
+        wrong = np.flatnonzero(evaluation.predictions != labels)[:GRID_IMAGES]
+        plot_digits(self.evaluation_set.pixels[wrong],
+                    [f"true {labels[i]}, pred {evaluation.predictions[i]}" for i in wrong],
+                    out / "misclassified.png",
+                    f"Misclassified {self.evaluation_set.name.lower()} images (first {len(wrong)})")
+        if model is not None:
+            atomic_write_bytes(out / self.framework.model_name, model)
+        print(f"{self._prefix()}final {self.evaluation_set.name.lower()} accuracy {evaluation.accuracy:.2f}% "
+              f"({evaluation.correct}/{len(labels)}) after epoch {len(self.history)}; artefacts in {out}")
+
+    def _prefix(self) -> str:
+        return f"[seed {self.settings.seed}] " if self.settings.out.name == f"seed{self.settings.seed}" else ""

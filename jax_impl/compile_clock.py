@@ -1,0 +1,32 @@
+"""Seconds JAX has spent tracing, lowering and compiling in this process.
+
+Read from the events JAX reports through `jax.monitoring` rather than by compiling each
+function ahead of time by hand, so that the training code calls its jitted functions plainly
+and compile time is still reported apart from run time. Loading a program from the persistent
+compilation cache counts as compiling (it is the cost a first step pays instead).
+"""
+
+from __future__ import annotations
+
+import jax
+
+COMPILE_EVENTS = frozenset({
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+    "/jax/compilation_cache/cache_retrieval_time_sec",
+})
+_seconds = [0.0]
+
+
+def _record(event: str, duration: float, **_: object) -> None:
+    if event in COMPILE_EVENTS:
+        _seconds[0] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_record)
+
+
+def compile_seconds() -> float:
+    """Total so far; callers take differences around the work they time."""
+    return _seconds[0]

@@ -1,0 +1,56 @@
+"""How an epoch's batches reach the device, for the two epoch functions of jax_impl.training.
+
+Every seed of a group gets its own `EpochPlan` (its shuffle and draws); the arrays here stack
+the seeds on a leading axis, so that a group of one and a group of five take the same path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+
+from common.batching import EpochPlan, train_batches
+
+
+def host_batches(plans: list[EpochPlan], images: np.ndarray, labels: np.ndarray,
+                 device: jax.Device) -> Iterator[tuple[jax.Array, jax.Array]]:
+    """Each step's (inputs (S, B, 28, 28, 1) float32, labels (S, B) int32) for S seeds, augmented
+    and normalised on the host by the core's NumPy pipeline (for `training.train_epoch`)."""
+    for batches in zip(*(train_batches(plan, images, labels) for plan in plans), strict=True):
+        inputs = np.stack([batch.images[..., None] for batch in batches])
+        targets = np.stack([batch.labels.astype(np.int32) for batch in batches])
+        yield jax.device_put((inputs, targets), device)
+
+
+def scan_blocks(plans: list[EpochPlan], device: jax.Device) -> Iterator[tuple[int, list[jax.Array]]]:
+    """The epoch's draws for `training.scan_epoch`: (images, [order, crop, source index]), each
+    array shaped (S seeds, steps, batch, ...). The full batches come as one block, the shorter
+    last batch (if any) as a second, since a scan needs equal shapes. The sampling coordinates
+    are the core's (float64, on the host); int16 halves the copy."""
+    draws = [(plan.order.astype(np.int32), plan.crop, plan.source_index().astype(np.int16)) for plan in plans]
+    plan = plans[0]  # all seeds share the sizes
+    full = len(plan.order) // plan.batch_size * plan.batch_size
+    for part in (slice(0, full), slice(full, len(plan.order))):
+        count = part.stop - part.start
+        if count == 0:
+            continue
+        batch = plan.batch_size if part.start == 0 else count
+        block = [np.stack([seed[i][part].reshape(count // batch, batch, *seed[i].shape[1:]) for seed in draws])
+                 for i in range(3)]
+        yield count, jax.device_put(block, device)
+
+
+class ResidentData:
+    """MNIST on the device as uint8 (47 MB), copied once and reused while the host arrays are the same."""
+
+    def __init__(self, device: jax.Device):
+        self.device = device
+        self._copied: tuple[np.ndarray, jax.Array, jax.Array] | None = None
+
+    def __call__(self, images: np.ndarray, labels: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        if self._copied is None or self._copied[0] is not images:
+            self._copied = (images, jax.device_put(images, self.device),
+                            jax.device_put(labels.astype(np.int32), self.device))
+        return self._copied[1], self._copied[2]

@@ -1,0 +1,67 @@
+"""The imperative shell around torch_ref.training: what the driver (common.driver) calls.
+
+It holds each seed's state, feeds its batches (torch_ref.data) and reports its results; the
+training itself is torch_ref.training. Seeds train in turn, each in its own random stream, so
+a run of one seed is a group of one and any seed follows the trajectory it follows alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.batching import EpochPlan
+from common.framework import TrainerConfig
+from common.progress import EpochProgress
+from torch_ref import checkpoints, data
+from torch_ref.devices import describe, limit_threads, resolve_ops, select_device
+from torch_ref.training import create_train_state, predict, train_epoch
+
+
+class TorchSeedGroup:
+    """Seeds of one recipe, each with its own model, optimiser, scheduler and random stream."""
+
+    def __init__(self, config: TrainerConfig, seeds: list[int]):
+        limit_threads(config.threads)
+        self.device = select_device(config.device)
+        self.ops = resolve_ops(config.ops)
+        self.states = [create_train_state(seed, config.recipe, config.steps_per_epoch, self.device, self.ops)
+                       for seed in seeds]
+        self.resident = data.ResidentData(self.device)
+
+    def describe(self) -> dict[str, Any]:
+        return {**describe(self.device, self.ops), "seeds in turn": len(self.states)}
+
+    def learning_rate(self) -> float:
+        return self.states[0].optimizer.param_groups[0]["lr"]
+
+    def compile_seconds(self) -> float:
+        return 0.0  # eager: nothing is compiled
+
+    def train_epoch(self, plans: list[EpochPlan], images: np.ndarray, labels: np.ndarray,
+                    progresses: list[EpochProgress]) -> None:
+        for state, plan, progress in zip(self.states, plans, progresses, strict=True):
+            if self.device.type == "cuda":
+                batches = data.resident_batches(plan, *self.resident(images, labels))
+            else:
+                batches = data.host_batches(plan, images, labels, self.device)
+            train_epoch(state, batches, progress.update)
+
+    def predict(self, images: np.ndarray, batch_size: int) -> list[np.ndarray]:
+        return [predict(state.model, images, batch_size, self.device) for state in self.states]
+
+    def restore(self, index: int, payload: dict) -> None:
+        checkpoints.restore(self.states[index], payload)
+
+    def is_finite(self, index: int) -> bool:
+        """Whether every weight and BatchNorm statistic of seed `index` is a finite number."""
+        return all(torch.isfinite(value).all() for value in self.states[index].model.state_dict().values()
+                   if value.is_floating_point())
+
+    def checkpoint_bytes(self, index: int, meta: dict) -> bytes:
+        return checkpoints.checkpoint_bytes(self.states[index], meta)
+
+    def model_bytes(self, index: int) -> bytes:
+        return checkpoints.model_bytes(self.states[index].model)

@@ -1,0 +1,117 @@
+"""PyTorch training the plain PyTorch way, in the functions of jax_impl.training; read top to bottom.
+
+1. `create_train_state`: the model, `torch.optim.SGD` and its scheduler for one seed.
+2. `train_step`: zero_grad, forward, loss, backward, optimizer.step(): the state is changed
+   in place, where JAX returns a new one.
+3. `train_epoch`: every batch of one seed's epoch, in that seed's own random stream.
+4. `eval_step` and `predict`: eval-mode log-probabilities under `torch.inference_mode`.
+
+Dropout draws from PyTorch's global generator, which a seed owns only while it trains: the
+state keeps its generator between epochs (`seed_random_stream`), so a seed draws the same masks
+whether it trains alone or in turn with others. JAX passes an explicit key instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.recipes import Recipe
+from torch_ref.data import to_tensor
+from torch_ref.model import Net
+from torch_ref.optim import make_optimizer, make_scheduler
+
+
+@dataclass
+class TrainState:
+    """One seed's model, optimiser and scheduler, and its random stream between epochs."""
+
+    model: Net
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    label_smoothing: float
+    step_per_batch: bool  # OneCycleLR steps after every batch, StepLR after every epoch
+    rng: torch.Tensor  # torch.get_rng_state() of this seed
+    cuda_rng: torch.Tensor | None = None  # and of its CUDA generator, on a GPU
+
+
+def create_train_state(seed: int, recipe: Recipe, steps_per_epoch: int, device: torch.device,
+                       ops: str = "plain") -> TrainState:
+    """Fresh weights from `seed` (PyTorch's default initialisation) and a fresh optimiser.
+    `ops` "fast" stores the model channels_last (NHWC memory, same maths)."""
+    torch.manual_seed(seed)  # initial weights and the dropout masks that follow
+    model = Net(dropout=recipe.dropout).to(device)
+    if ops == "fast":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, recipe)
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return TrainState(model, optimizer, make_scheduler(optimizer, recipe, steps_per_epoch), recipe.label_smoothing,
+                      recipe.schedule.per_step, torch.get_rng_state(), cuda_rng)
+
+
+def training_loss(log_probs: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """The model returns log-probabilities, so the loss is NLL; with label smoothing it is
+    cross_entropy, which takes logits but is unchanged by them being log-probabilities already
+    (log_softmax of a log_softmax is the same log_softmax)."""
+    if label_smoothing:
+        return F.cross_entropy(log_probs, targets, label_smoothing=label_smoothing)
+    return F.nll_loss(log_probs, targets)
+
+
+def train_step(state: TrainState, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, int]:
+    """One SGD step on (images NCHW float32, labels int64), in place; returns the batch's summed
+    loss and correct count."""
+    inputs, targets = batch
+    state.optimizer.zero_grad(set_to_none=True)
+    log_probs = state.model(inputs)
+    loss = training_loss(log_probs, targets, state.label_smoothing)
+    loss.backward()
+    state.optimizer.step()
+    if state.step_per_batch:
+        state.scheduler.step()
+    return loss.item() * len(targets), (log_probs.argmax(dim=1) == targets).sum().item()
+
+
+@contextlib.contextmanager
+def seed_random_stream(state: TrainState) -> Iterator[None]:
+    """PyTorch's global generators set to this seed's stream, and the stream saved afterwards."""
+    torch.set_rng_state(state.rng)
+    if state.cuda_rng is not None:
+        torch.cuda.set_rng_state(state.cuda_rng)
+    try:
+        yield
+    finally:
+        state.rng = torch.get_rng_state()
+        if state.cuda_rng is not None:
+            state.cuda_rng = torch.cuda.get_rng_state()
+
+
+def train_epoch(state: TrainState, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                report: Callable[[int, float, int], None]) -> None:
+    """Every batch through `train_step`; `report(images, loss_sum, correct)` after each."""
+    state.model.train()
+    with seed_random_stream(state):
+        for inputs, targets in batches:
+            loss_sum, correct = train_step(state, (inputs, targets))
+            report(len(targets), loss_sum, correct)
+    if not state.step_per_batch:
+        state.scheduler.step()
+
+
+def eval_step(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Eval-mode log-probabilities (running BatchNorm statistics, no dropout)."""
+    model.eval()
+    with torch.inference_mode():
+        return model(images)
+
+
+def predict(model: torch.nn.Module, images: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
+    """Log-probabilities of normalised images (N, 28, 28), `batch_size` at a time."""
+    outputs = [eval_step(model, to_tensor(images[start : start + batch_size], device)).cpu()
+               for start in range(0, len(images), batch_size)]
+    return torch.cat(outputs).numpy()
