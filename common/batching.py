@@ -8,9 +8,9 @@ PyTorch and a JAX run with the same seed consume identical pixels in identical o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -71,3 +71,17 @@ def train_batches(plan: EpochPlan, images: np.ndarray, labels: np.ndarray) -> It
     for positions in plan.batch_slices():
         pixels = plan.augmented_pixels(images, positions)
         yield Batch(normalize(pixels), labels[plan.order[positions]].astype(np.int64))
+
+
+class CopiedOnce:
+    """`copy(images, labels)` (the training set onto a device) done once, and reused while the
+    same host arrays come back, so that a device-resident epoch copies nothing per epoch."""
+
+    def __init__(self, copy: Callable[[np.ndarray, np.ndarray], Any]):
+        self._copy = copy
+        self._copied: tuple[np.ndarray, Any] | None = None
+
+    def __call__(self, images: np.ndarray, labels: np.ndarray) -> Any:
+        if self._copied is None or self._copied[0] is not images:
+            self._copied = (images, self._copy(images, labels))
+        return self._copied[1]

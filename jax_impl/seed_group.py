@@ -62,7 +62,7 @@ class JaxSeedGroup:
         self.scan = jax.jit(functools.partial(_scan_epochs, vectorised), static_argnames="crop_size",
                             donate_argnums=0)
         self.evaluate = jax.jit(over_seeds(functools.partial(eval_step, self.state.apply_fn), (0, None), vectorised))
-        self.resident = data.ResidentData(self.device)
+        self.resident = data.resident_data(self.device)
 
     def describe(self) -> dict[str, Any]:
         return {**describe(self.device, self.ops), "epoch": self.epoch, "seeds in one program": len(self.seeds)}

@@ -220,7 +220,7 @@ def test_gpu_resident_batches_equal_host_batches(synthetic_mnist):
     plan = plan_epoch(0, 1, len(synthetic_mnist.train_labels), 100, SEED.augmentation).head(250)
     cpu = torch.device("cpu")
     host = list(data.host_batches(plan, synthetic_mnist.train_images, synthetic_mnist.train_labels, cpu))
-    resident_data = data.ResidentData(cpu)(synthetic_mnist.train_images, synthetic_mnist.train_labels)
+    resident_data = data.resident_data(cpu)(synthetic_mnist.train_images, synthetic_mnist.train_labels)
     resident = list(data.resident_batches(plan, *resident_data))
     assert len(host) == len(resident) == 3
     for (host_x, host_y), (dev_x, dev_y) in zip(host, resident, strict=True):

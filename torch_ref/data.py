@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from common.batching import EpochPlan, train_batches
+from common.batching import CopiedOnce, EpochPlan, train_batches
 from torch_ref import augment
 
 
@@ -40,16 +40,8 @@ def resident_batches(plan: EpochPlan, images: torch.Tensor,
         yield augment.normalize(pixels).unsqueeze(1), labels[order[positions]]
 
 
-class ResidentData:
-    """MNIST on the device as uint8, copied once and reused while the host arrays are the same."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self._copied: tuple[np.ndarray, torch.Tensor, torch.Tensor] | None = None
-
-    def __call__(self, images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._copied is None or self._copied[0] is not images:
-            # torch.tensor copies: the loaded MNIST arrays are read-only, a tensor must not alias them.
-            self._copied = (images, torch.tensor(images, device=self.device),
-                            torch.tensor(labels, dtype=torch.int64, device=self.device))
-        return self._copied[1], self._copied[2]
+def resident_data(device: torch.device) -> CopiedOnce:
+    """MNIST on the device as uint8 images and int64 labels, copied once. torch.tensor copies:
+    the loaded MNIST arrays are read-only, and a tensor must not alias them."""
+    return CopiedOnce(lambda images, labels: (torch.tensor(images, device=device),
+                                              torch.tensor(labels, dtype=torch.int64, device=device)))

@@ -29,7 +29,7 @@ class TorchSeedGroup:
         self.ops = resolve_ops(config.ops)
         self.states = [create_train_state(seed, config.recipe, config.steps_per_epoch, self.device, self.ops)
                        for seed in seeds]
-        self.resident = data.ResidentData(self.device)
+        self.resident = data.resident_data(self.device)
 
     def describe(self) -> dict[str, Any]:
         return {**describe(self.device, self.ops), "seeds in turn": len(self.states)}
