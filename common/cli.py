@@ -49,9 +49,10 @@ def build_parser(framework: str, module: str) -> argparse.ArgumentParser:
     parser.add_argument("--momentum", type=_unit_interval, default=None, metavar="M",
                         help="SGD momentum in [0, 1) (default: the recipe's)")
     parser.add_argument("--seeds", type=_seed_list, default=None, metavar="S,S,...",
-                        help="train several seeds and write a summary; each run goes to <out>/seed<S> (JAX: "
-                             "all seeds in one compiled program, vmapped over the stacked training states, or "
-                             "seed by seed within it on CPU; PyTorch: one after another)")
+                        help="train several seeds as one group and write a summary; each run goes to "
+                             "<out>/seed<S> and follows the run of its seed alone (JAX: one compiled program over "
+                             "the stacked training states, vmapped, or seed by seed on CPU; PyTorch: the seeds in "
+                             "turn within each epoch, each in its own random stream)")
     parser.add_argument("--validation", action="store_true",
                         help="train on the first 55,000 training images and evaluate on the last 5,000 "
                              "(the last twelfth of any training set) instead of the test set (to choose "
