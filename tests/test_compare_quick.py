@@ -10,7 +10,7 @@ import sys
 from tests.conftest import REPO_ROOT
 
 VARIANTS = {"PyTorch eager", "PyTorch channels_last", "JAX step loop, fast layers", "JAX step loop, plain layers",
-            "JAX lax.scan epoch", "PyTorch 2 seeds in turn", "JAX 2 seeds in one program"}
+            "JAX lax.scan epoch"}
 
 
 def numbers(value):
