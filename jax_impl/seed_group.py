@@ -34,7 +34,7 @@ from jax_impl.training import (
     variables_of,
 )
 
-EPOCH_KINDS = ("loop", "scan")
+EPOCH_KINDS = ("loop", "scan")  # training.train_epoch, training.scan_epoch
 
 
 def default_epoch(device: jax.Device) -> str:
@@ -57,6 +57,8 @@ class JaxSeedGroup:
         states, keys = create_seed_states(seeds, config.recipe, config.steps_per_epoch, layers_for(self.ops))
         self.state, self.keys = jax.device_put((states, keys), self.device)
         self.epoch = epoch or default_epoch(self.device)
+        if self.epoch not in EPOCH_KINDS:
+            raise ValueError(f"unknown epoch {self.epoch!r}: expected one of {', '.join(EPOCH_KINDS)}")
         vectorised = self.device.platform != "cpu" and len(seeds) > 1
         self.step = jax.jit(over_seeds(train_step, (0, 0, 0), vectorised), donate_argnums=0)
         self.scan = jax.jit(functools.partial(_scan_epochs, vectorised), static_argnames="crop_size",
