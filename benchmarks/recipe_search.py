@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.root) / f"{args.name}-{args.framework}-seed{args.seed}"
     settings = RunSettings(recipe=recipe_for(args.name), seed=args.seed, test_batch_size=1000,
                            data_dir=resolve_data_dir(args.data_dir), out=out, dry_run=False, validation=True,
-                           device="cpu", ops="auto", threads=None, save_model=False)
+                           device="cpu", ops="auto", threads=None, devices=None, save_model=False)
     train(FRAMEWORK, [settings])
 
 

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from common.errors import UserFacingError
 from common.recipes import Augmentation
 from common.transforms import augment, draw_augmentation, normalize, rotation_source_index
 
@@ -46,6 +47,17 @@ class EpochPlan:
         return EpochPlan(self.order[:count], self.crop[:count], self.angles[:count], self.shifts[:count],
                          self.batch_size, self.crop_size)
 
+    def shard(self, index: int, count: int) -> EpochPlan:
+        """Part `index` of `count` of every batch: each batch is cut into `count` equal consecutive
+        parts, as data-parallel training splits the global batch over its devices or processes.
+        The result is itself a plan whose batches are those parts (see `check_even_shards`)."""
+        check_even_shards(self.batch_size, len(self.order), count)
+        positions = np.concatenate([np.arange(part.start + index * size, part.start + (index + 1) * size)
+                                    for part in self.batch_slices()
+                                    for size in [(part.stop - part.start) // count]])
+        return EpochPlan(self.order[positions], self.crop[positions], self.angles[positions], self.shifts[positions],
+                         self.batch_size // count, self.crop_size)
+
     def source_index(self, positions: slice = slice(None)) -> np.ndarray:
         """Sampling coordinates of the rotation and shift at `positions` (see rotation_source_index)."""
         return rotation_source_index(self.angles[positions], self.shifts[positions])
@@ -64,6 +76,19 @@ def plan_epoch(
     order = rng.permutation(num_examples)
     crop, angles, shifts = draw_augmentation(rng, num_examples, augmentation)
     return EpochPlan(order, crop, angles, shifts, batch_size, augmentation.crop_size)
+
+
+def check_even_shards(batch_size: int, epoch_images: int, devices: int) -> None:
+    """Every batch must split evenly over the devices: each device's mean loss then weighs its
+    images as the global batch's mean does, and no device waits on a smaller part."""
+    last = epoch_images % batch_size
+    uneven = ([f"batch size {batch_size}"] if batch_size % devices else []) + (
+        [f"the epoch's last batch of {last} images"] if last % devices else [])
+    if uneven:
+        raise UserFacingError(
+            f"--devices {devices}: every batch is split evenly over the devices, but {' and '.join(uneven)} "
+            f"cannot be cut into {devices} equal parts. Choose a --batch-size (or number of devices) that "
+            f"divides both the batch and the {epoch_images:,} training images' last batch.")
 
 
 def train_batches(plan: EpochPlan, images: np.ndarray, labels: np.ndarray) -> Iterator[Batch]:

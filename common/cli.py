@@ -79,6 +79,15 @@ def build_parser(framework: str, module: str) -> argparse.ArgumentParser:
                              "written (Flax's and XLA's own layers; PyTorch's default NCHW layout). fast: JAX's "
                              "CPU-tuned layers (jax_impl/fast_layers.py), PyTorch's channels_last. auto: fast "
                              "where it was measured faster, i.e. JAX on CPU; plain otherwise (default: auto)")
+    parser.add_argument("--devices", type=_device_count, default=None, metavar="N|all",
+                        help="data-parallel training: every batch is split over N devices (or all of them) "
+                             "and their gradients averaged. JAX: one process drives them all; on a CPU the "
+                             "trainer itself asks JAX for N CPU devices. PyTorch: one process per device, "
+                             "started through torch.distributed's elastic launcher (or by torchrun, whose "
+                             "process count it then follows), DistributedDataParallel over gloo (CPU) or "
+                             "nccl (CUDA). Under several processes (torchrun; jax.distributed, set up from "
+                             "$JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID) process 0 "
+                             "alone writes the run directory. Default: one device per process")
     parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                         help="CPU threads the framework may use (default: the framework's choice)")
     parser.add_argument("--save-model", action="store_true",
@@ -107,6 +116,10 @@ _positive_int = _checked(int, lambda v: v > 0, "a positive integer")
 _non_negative_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
 _positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 _unit_interval = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def _device_count(text: str) -> int | str:
+    return "all" if text == "all" else _checked(int, lambda v: v > 0, "a positive integer or 'all'")(text)
 
 
 def _seed_list(text: str) -> tuple[int, ...]:

@@ -7,7 +7,7 @@ The driver knows nothing of torch or jax; each framework's package describes its
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,16 +17,43 @@ from common.batching import EpochPlan
 from common.progress import EpochProgress
 from common.recipes import Recipe
 
+DeviceCount = int | str | None  # --devices: a number, "all", or None (one per process)
+
+
+def _alone() -> None:
+    """The barrier of a single process: nothing to wait for."""
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in a data-parallel run of several processes (torchrun, the elastic
+    launcher, jax.distributed); a run of one process is index 0 of 1. Process 0 alone writes
+    the run's files; each process feeds its part of every global batch (`EpochPlan.shard`)."""
+
+    index: int = 0
+    count: int = 1
+    barrier: Callable[[], None] = field(default=_alone, compare=False)  # wait until every process arrives
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+
+SINGLE_PROCESS = Processes()
+
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    """What a framework needs to build its model, optimiser and schedule."""
+    """What a framework needs to build its model, optimiser and schedule, and to place them."""
 
     recipe: Recipe
     device: str  # --device: auto, cpu or gpu
     threads: int | None
     steps_per_epoch: int  # per-step schedules (optax) need it to express per-epoch ones
     ops: str = "auto"  # --ops: auto, plain or fast; each framework resolves auto for its device
+    devices: DeviceCount = None  # --devices: how many devices share every batch
+    processes: Processes = SINGLE_PROCESS
+    epoch_images: int = 0  # training images per epoch (the batches' sizes must split evenly over the devices)
 
 
 class SeedGroup(Protocol):
@@ -77,3 +104,9 @@ class Framework:
     read_weights: Callable[[Path], Any]  # checkpoint or weights file -> weights for `predict`
     # (weights, normalised images, batch size, --device, --ops) -> log-probabilities, no training state
     predict: Callable[[Any, np.ndarray, int, str, str], np.ndarray]
+    # (--device, --devices) -> this process's place among the processes it was launched with; runs
+    # before the framework touches a device (JAX must learn the number of CPU devices before it starts)
+    join_processes: Callable[[str, DeviceCount], Processes]
+    # (--devices, the CLI arguments) -> exit status after starting one process per device and
+    # waiting for them, or None where this process trains itself (always, in JAX)
+    launch_processes: Callable[[DeviceCount, list[str]], int | None]

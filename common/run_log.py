@@ -11,6 +11,7 @@ import dataclasses
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -37,6 +38,19 @@ class EvaluationSet:
     labels: np.ndarray
 
 
+def refuse_non_finite(out: Path, epoch: int, evaluated_on: str, evaluation: Evaluation, state_is_finite: bool) -> None:
+    """Stop before anything of a diverged epoch is written: checkpoint, metrics and plots keep
+    the last good epoch. Every process of a run checks, so that all of them stop together."""
+    if state_is_finite and np.isfinite(evaluation.loss):
+        return
+    what = "weights or BatchNorm statistics are" if not state_is_finite else f"{evaluated_on.lower()} loss is"
+    raise TrainingDivergedError(
+        f"{out}: after epoch {epoch} the {what} no longer finite. Training stopped "
+        f"and nothing of epoch {epoch} was saved; the checkpoint and metrics of the last completed epoch "
+        "are untouched. Lower --lr (or check the recipe) and start again."
+    )
+
+
 class RunLog:
     """One seed's run directory: config.json, checkpoint, metrics.jsonl, plots, model file."""
 
@@ -58,20 +72,6 @@ class RunLog:
         labels = data.train_labels[plan.order[positions]]
         plot_digits(pixels, [f"label {y}" for y in labels], self.settings.out / "samples.png",
                     "Augmented training images (epoch 1)")
-
-    def refuse_non_finite(self, evaluation: Evaluation, state_is_finite: bool) -> None:
-        """Stop before anything of a diverged epoch is written: checkpoint, metrics and plots keep
-        the last good epoch."""
-        if state_is_finite and np.isfinite(evaluation.loss):
-            return
-        epoch = len(self.history) + 1
-        what = ("weights or BatchNorm statistics are" if not state_is_finite
-                else f"{self.evaluation_set.name.lower()} loss is")
-        raise TrainingDivergedError(
-            f"{self.settings.out}: after epoch {epoch} the {what} no longer finite. Training stopped "
-            f"and nothing of epoch {epoch} was saved; the checkpoint and metrics of the last completed epoch "
-            "are untouched. Lower --lr (or check the recipe) and start again."
-        )
 
     def end_epoch(self, record: EpochRecord, evaluation: Evaluation, checkpoint: Callable[[dict], bytes]) -> None:
         """Checkpoint first (atomically), then metrics and plots, then the console line."""

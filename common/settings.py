@@ -33,6 +33,7 @@ class RunSettings:
     device: str
     ops: str
     threads: int | None
+    devices: int | str | None
     save_model: bool
 
     def to_dict(self) -> dict:
@@ -41,18 +42,22 @@ class RunSettings:
         return data
 
 
-def settings_from_args(framework: Framework, args: argparse.Namespace, resumed_meta: dict | None) -> RunSettings:
-    """Merge flags with the recipe, or with the checkpoint's settings when resuming."""
+def settings_from_args(framework: Framework, args: argparse.Namespace, resumed_meta: dict | None,
+                       writes: bool = True) -> RunSettings:
+    """Merge flags with the recipe, or with the checkpoint's settings when resuming. Only the
+    process that `writes` the run's files checks its directory (the others would find the files
+    it has just begun to write)."""
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum}
     common = {"test_batch_size": args.test_batch_size, "dry_run": args.dry_run, "validation": args.validation,
               "device": args.device, "ops": args.ops,
-              "threads": args.threads, "save_model": args.save_model,
+              "threads": args.threads, "devices": args.devices, "save_model": args.save_model,
               "data_dir": resolve_data_dir(args.data_dir)}
     if resumed_meta is None:
         recipe = get_recipe(args.recipe or DEFAULT_RECIPE).with_overrides(**overrides)
         seed = args.seed if args.seed is not None else 0
         out = Path(args.out) if args.out else default_out(framework.name, recipe, args.seeds or seed, args.dry_run)
-        refuse_to_overwrite(out)
+        if writes:
+            refuse_to_overwrite(out)
         return RunSettings(recipe=recipe, seed=seed, out=out, **common)
 
     saved = resumed_meta["settings"]
@@ -75,7 +80,7 @@ def settings_from_args(framework: Framework, args: argparse.Namespace, resumed_m
     common["validation"] = saved["validation"]
     run_dir = checkpoint_path(framework, args.resume).parent
     out = Path(args.out) if args.out else run_dir
-    if out.resolve() != run_dir.resolve():
+    if writes and out.resolve() != run_dir.resolve():
         refuse_to_overwrite(out)
     return RunSettings(recipe=recipe, seed=saved["seed"], out=out, **common)
 

@@ -2,7 +2,11 @@
 
 It holds the seeds' stacked state between epochs, compiles the pure functions once, feeds them
 (jax_impl.data) and reports their results; it decides nothing about how training computes.
-A run of one seed is a group of one: the same state layout, the same compiled programs.
+A run of one seed is a group of one: the same state layout, the same compiled programs. A run
+on one device is a mesh of one: on N devices (jax_impl.devices) the state is replicated and
+every batch split over them, and the same step computes what one device computes, BatchNorm
+included: its batch statistics are means over the global batch (XLA inserts the all-reduce),
+the semantics of PyTorch's SyncBatchNorm.
 """
 
 from __future__ import annotations
@@ -11,15 +15,14 @@ import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from common.batching import EpochPlan
+from common.batching import EpochPlan, check_even_shards
 from common.framework import TrainerConfig
 from common.progress import EpochProgress
 from jax_impl import checkpoints, data
 from jax_impl.compile_clock import compile_seconds
-from jax_impl.devices import describe, limit_threads, select_device
+from jax_impl.devices import data_mesh, describe, limit_threads, put_replicated, replicated, select_devices, split_along
 from jax_impl.ops import layers_for, resolve_ops
 from jax_impl.optim import learning_rate_schedule
 from jax_impl.training import (
@@ -37,9 +40,9 @@ from jax_impl.training import (
 EPOCH_KINDS = ("loop", "scan")  # training.train_epoch, training.scan_epoch
 
 
-def default_epoch(device: jax.Device) -> str:
+def default_epoch(platform: str) -> str:
     """The step loop on CPU, one scan per epoch on accelerators (measurements in the README)."""
-    return "loop" if device.platform == "cpu" else "scan"
+    return "loop" if platform == "cpu" else "scan"
 
 
 class JaxSeedGroup:
@@ -50,27 +53,34 @@ class JaxSeedGroup:
 
     def __init__(self, config: TrainerConfig, seeds: list[int], epoch: str | None = None):
         limit_threads(config.threads)
-        self.device = select_device(config.device)
-        self.ops = resolve_ops(config.ops, self.device.platform)
+        self.devices = select_devices(config.device, config.devices)
+        if len(self.devices) > 1:
+            check_even_shards(config.recipe.batch_size, config.epoch_images, len(self.devices))
+        self.platform = self.devices[0].platform
+        self.processes = config.processes
+        self.mesh = data_mesh(self.devices)
+        self.ops = resolve_ops(config.ops, self.platform)
         self.seeds = seeds
         self.schedule = learning_rate_schedule(config.recipe, config.steps_per_epoch)
         states, keys = create_seed_states(seeds, config.recipe, config.steps_per_epoch, layers_for(self.ops))
-        self.state, self.keys = jax.device_put((states, keys), self.device)
-        self.epoch = epoch or default_epoch(self.device)
+        whole = replicated(self.mesh)
+        self.state, self.keys = put_replicated((states, keys), whole)
+        self.epoch = epoch or default_epoch(self.platform)
         if self.epoch not in EPOCH_KINDS:
             raise ValueError(f"unknown epoch {self.epoch!r}: expected one of {', '.join(EPOCH_KINDS)}")
-        vectorised = self.device.platform != "cpu" and len(seeds) > 1
-        self.step = jax.jit(over_seeds(train_step, (0, 0, 0), vectorised), donate_argnums=0)
+        vectorised = self.platform != "cpu" and len(seeds) > 1
+        self.step = jax.jit(over_seeds(train_step, (0, 0, 0), vectorised), donate_argnums=0, out_shardings=whole)
         self.scan = jax.jit(functools.partial(_scan_epochs, vectorised), static_argnames="crop_size",
-                            donate_argnums=0)
-        self.evaluate = jax.jit(over_seeds(functools.partial(eval_step, self.state.apply_fn), (0, None), vectorised))
-        self.resident = data.resident_data(self.device)
+                            donate_argnums=0, out_shardings=whole)
+        self.evaluate = jax.jit(over_seeds(functools.partial(eval_step, self.state.apply_fn), (0, None), vectorised),
+                                out_shardings=whole)
+        self.resident = data.resident_data(whole)
 
     def describe(self) -> dict[str, Any]:
-        return {**describe(self.device, self.ops), "epoch": self.epoch, "seeds in one program": len(self.seeds)}
+        return {**describe(self.devices, self.ops), "epoch": self.epoch, "seeds in one program": len(self.seeds)}
 
     def learning_rate(self) -> float:
-        return float(self.schedule(int(self.state.step[0])))
+        return float(self.schedule(int(jax.device_get(self.state.step)[0])))
 
     def compile_seconds(self) -> float:
         return compile_seconds()
@@ -83,30 +93,33 @@ class JaxSeedGroup:
                                                    np.asarray(metrics["correct"]), strict=True):
                 progress.update(count, float(loss_sum.sum()), int(correct.sum()))
 
+        processes = self.processes
+        plans = [plan.shard(processes.index, processes.count) for plan in plans] if processes.count > 1 else plans
         if self.epoch == "loop":
-            batches = data.host_batches(plans, images, labels, self.device)
+            batches = data.host_batches(plans, images, labels, split_along(self.mesh, 1))
             self.state = train_epoch(self.step, self.state, self.keys, batches, report)
             return
         device_images, device_labels = self.resident(images, labels)
-        for count, draws in data.scan_blocks(plans, self.device):
+        for count, draws in data.scan_blocks(plans, split_along(self.mesh, 2)):
             self.state, metrics = self.scan(self.state, self.keys, device_images, device_labels, *draws,
                                             crop_size=plans[0].crop_size)
             report(count, metrics)
 
     def predict(self, images: np.ndarray, batch_size: int) -> list[np.ndarray]:
-        return list(predict(self.evaluate, variables_of(self.state), images, batch_size, self.device,
+        return list(predict(self.evaluate, variables_of(self.state), images, batch_size, split_along(self.mesh, 0),
                             seed_axis=True))
 
     def restore(self, index: int, payload: dict) -> None:
         """Seed `index` continues from a checkpoint's payload (see checkpoints.read_checkpoint)."""
-        saved = checkpoints.restored(self._seed(index, self.state), payload["state"], "the checkpoint")
-        self.state = jax.tree_util.tree_map(lambda stacked, leaf: stacked.at[index].set(leaf), self.state,
-                                            jax.device_put(saved, self.device))
+        state = jax.device_get(self.state)
+        saved = checkpoints.restored(self._seed(index, state), payload["state"], "the checkpoint")
+        state = jax.tree_util.tree_map(lambda stacked, leaf: _replaced(stacked, index, leaf), state, saved)
+        self.state = put_replicated(state, replicated(self.mesh))
 
     def is_finite(self, index: int) -> bool:
         """Whether every weight and BatchNorm statistic of seed `index` is a finite number."""
         leaves = jax.tree_util.tree_leaves(self._seed(index, variables_of(self.state)))
-        return all(bool(jnp.isfinite(leaf).all()) for leaf in leaves)
+        return all(bool(np.isfinite(leaf).all()) for leaf in leaves)
 
     def checkpoint_bytes(self, index: int, meta: dict) -> bytes:
         return checkpoints.checkpoint_bytes(self._seed(index, self.state), meta)
@@ -116,7 +129,16 @@ class JaxSeedGroup:
 
     @staticmethod
     def _seed(index: int, tree: Any) -> Any:
-        return jax.tree_util.tree_map(lambda leaf: leaf[index], tree)
+        """Seed `index`'s part of a stacked state, as NumPy arrays. Read from this process's own
+        copy of the replicated state, so that process 0 may do it alone."""
+        return jax.tree_util.tree_map(lambda leaf: jax.device_get(leaf)[index], tree)
+
+
+def _replaced(stacked: np.ndarray, index: int, leaf: Any) -> np.ndarray:
+    """`stacked` with seed `index`'s entry set to `leaf`."""
+    stacked = np.array(stacked)
+    stacked[index] = leaf
+    return stacked
 
 
 def _scan_epochs(vectorised: bool, state, keys, images, labels, order, crop, source_index, *, crop_size: int):

@@ -16,6 +16,7 @@ from common.driver import main
 from common.framework import Framework
 from common.mnist import DEFAULT_DATA_DIR
 from jax_impl.checkpoints import read_checkpoint, read_weights
+from jax_impl.devices import join_processes, launch_processes
 from jax_impl.evaluate import predict_with_weights
 from jax_impl.seed_group import JaxSeedGroup
 
@@ -29,6 +30,8 @@ FRAMEWORK = Framework(
     read_checkpoint=read_checkpoint,
     read_weights=read_weights,
     predict=predict_with_weights,
+    join_processes=join_processes,
+    launch_processes=launch_processes,
 )
 
 

@@ -180,12 +180,19 @@ def variables_of(state: TrainState) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def predict(evaluate: Callable, variables: dict, images: np.ndarray, batch_size: int, device: jax.Device,
-            seed_axis: bool = False) -> np.ndarray:
+def predict(evaluate: Callable, variables: dict, images: np.ndarray, batch_size: int,
+            placement: jax.Device | jax.sharding.Sharding, seed_axis: bool = False) -> np.ndarray:
     """Log-probabilities of normalised images (N, 28, 28), `batch_size` at a time, through
-    `evaluate` (a compiled `eval_step`); with `seed_axis`, one row of them per seed."""
+    `evaluate` (a compiled `eval_step`); with `seed_axis`, one row of them per seed. `placement`
+    is a device, or a sharding that splits each batch over several devices: a batch is then
+    padded to a multiple of their number with blank images, whose outputs are dropped (eval mode
+    computes every image on its own, so the padding changes no other output)."""
+    parts = placement.num_devices if isinstance(placement, jax.sharding.Sharding) else 1
     outputs = []
     for start in range(0, len(images), batch_size):
-        inputs = jax.device_put(images[start : start + batch_size, ..., None], device)
-        outputs.append(evaluate(variables, inputs))
-    return np.concatenate([np.asarray(out) for out in outputs], axis=1 if seed_axis else 0)
+        batch = images[start : start + batch_size, ..., None]
+        padding = -len(batch) % parts
+        if padding:
+            batch = np.concatenate([batch, np.zeros((padding, *batch.shape[1:]), batch.dtype)])
+        outputs.append((evaluate(variables, jax.device_put(batch, placement)), len(batch) - padding))
+    return np.concatenate([np.asarray(out)[..., :count, :] for out, count in outputs], axis=1 if seed_axis else 0)

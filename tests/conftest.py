@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import jax
 import pytest
 
 from common.mnist import DATA_DIR_ENV, UNVERIFIED_TEST_DIR_ENV, Mnist, load_mnist
@@ -21,7 +22,25 @@ from tests.synthetic_mnist import write_synthetic_mnist
 
 pytest_plugins = ["tests.no_silent_skips"]
 
+# The data-parallel tests split batches over 2 and 4 CPU devices, which JAX creates only if asked
+# before it starts; every other test uses the first of them, as it would the only one.
+CPU_DEVICES = 4
+jax.config.update("jax_num_cpu_devices", CPU_DEVICES)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _each_jax_program_compiled_once(tmp_path_factory) -> Iterator[None]:
+    """JAX's persistent compilation cache, in a directory of this session only (subprocesses
+    inherit it). Many tests build a trainer for shapes another test has compiled already; each
+    trainer jits new functions, which would otherwise compile the same programs again."""
+    from jax_impl.train import enable_compilation_cache
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax-compilation-cache")))
+        enable_compilation_cache()
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from common.batching import plan_epoch, train_batches
+from common.errors import UserFacingError
 from common.recipes import SEED
 
 AUG = SEED.augmentation
@@ -47,3 +49,21 @@ def test_train_batches_follow_the_plan():
     np.testing.assert_array_equal(np.concatenate([b.labels for b in batches]), labels[plan.order])
     assert batches[0].images.shape == (256, 28, 28) and batches[0].images.dtype == np.float32
     assert batches[0].labels.dtype == np.int64
+
+
+def test_shards_cut_every_batch_into_equal_consecutive_parts():
+    plan = plan_epoch(0, 1, 1000, 256, AUG)  # batches of 256, 256, 256 and 232
+    shards = [plan.shard(index, 4) for index in range(4)]
+    assert [[s.stop - s.start for s in shard.batch_slices()] for shard in shards] == [[64, 64, 64, 58]] * 4
+    for whole, *parts in zip(plan.batch_slices(), *(shard.batch_slices() for shard in shards), strict=True):
+        for field in ("order", "crop", "angles", "shifts"):
+            joined = np.concatenate([getattr(shard, field)[part] for shard, part in zip(shards, parts, strict=True)])
+            np.testing.assert_array_equal(joined, getattr(plan, field)[whole])
+
+
+def test_a_batch_that_does_not_split_evenly_is_refused_with_the_sizes():
+    with pytest.raises(UserFacingError, match="batch size 256 and the epoch's last batch of 232 images cannot be cut "
+                                              "into 3 equal parts"):
+        plan_epoch(0, 1, 1000, 256, AUG).shard(0, 3)
+    with pytest.raises(UserFacingError, match="--devices 16: .*, but the epoch.s last batch of 232 images cannot"):
+        plan_epoch(0, 1, 1000, 256, AUG).shard(0, 16)

@@ -171,6 +171,8 @@ def test_progress_rejects_non_finite_loss():
     (["--momentum", "1.5"], "is not a number in [0, 1)"),
     (["--device", "tpu9"], "invalid choice"),
     (["--ops", "turbo"], "invalid choice"),
+    (["--devices", "0"], "'0' is not a positive integer or 'all'"),
+    (["--devices", "some"], "'some' is not a positive integer or 'all'"),
     (["--recipe", "nope"], "invalid choice"),
 ])
 def test_bad_flags_are_rejected_by_the_parser(flags, message, capsys):
@@ -183,7 +185,8 @@ def test_bad_flags_are_rejected_by_the_parser(flags, message, capsys):
 def test_help_explains_every_flag():
     parser = build_parser("PyTorch", "torch_ref.train")
     expected = {"--recipe", "--epochs", "--batch-size", "--test-batch-size", "--lr", "--momentum", "--seed",
-                "--data-dir", "--out", "--dry-run", "--device", "--ops", "--threads", "--save-model", "--resume",
+                "--data-dir", "--out", "--dry-run", "--device", "--ops", "--devices", "--threads", "--save-model",
+                "--resume",
                 "--seeds", "--validation"}
     options = {a.option_strings[-1]: a for a in parser._actions if a.option_strings and a.dest != "help"}
     assert set(options) == expected

@@ -21,7 +21,7 @@ def select_device(choice: str) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise UserFacingError("--device gpu: PyTorch sees no CUDA device here; use --device cpu or auto.")
-    return torch.device("cuda")
+    return torch.device("cuda", torch.cuda.current_device())  # a process's own GPU (torch_ref.distributed)
 
 
 def resolve_ops(choice: str) -> str:

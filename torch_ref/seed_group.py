@@ -3,6 +3,9 @@
 It holds each seed's state, feeds its batches (torch_ref.data) and reports its results; the
 training itself is torch_ref.training. Seeds train in turn, each in its own random stream, so
 a run of one seed is a group of one and any seed follows the trajectory it follows alone.
+In a run of several processes (torch_ref.distributed) each process trains its part of every
+batch with DistributedDataParallel; every process draws the dropout masks of its part from the
+seed's stream, so a resumed run draws what an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.batching import EpochPlan
+from common.batching import EpochPlan, check_even_shards
 from common.framework import TrainerConfig
 from common.progress import EpochProgress
 from torch_ref import checkpoints, data
 from torch_ref.devices import describe, limit_threads, resolve_ops, select_device
+from torch_ref.distributed import data_parallel, share_main_buffers, summed_over_processes, threads_per_process
 from torch_ref.training import create_train_state, predict, train_epoch
 
 
@@ -24,15 +28,20 @@ class TorchSeedGroup:
     """Seeds of one recipe, each with its own model, optimiser, scheduler and random stream."""
 
     def __init__(self, config: TrainerConfig, seeds: list[int]):
-        limit_threads(config.threads)
+        self.processes = config.processes
+        limit_threads(threads_per_process(config.threads, self.processes))
         self.device = select_device(config.device)
         self.ops = resolve_ops(config.ops)
         self.states = [create_train_state(seed, config.recipe, config.steps_per_epoch, self.device, self.ops)
                        for seed in seeds]
+        if self.processes.count > 1:
+            check_even_shards(config.recipe.batch_size, config.epoch_images, self.processes.count)
+            for state in self.states:
+                state.network = data_parallel(state.model, self.device)
         self.resident = data.resident_data(self.device)
 
     def describe(self) -> dict[str, Any]:
-        return {**describe(self.device, self.ops), "seeds in turn": len(self.states)}
+        return {**describe(self.device, self.ops), "processes": self.processes.count, "seeds in turn": len(self.states)}
 
     def learning_rate(self) -> float:
         return self.states[0].optimizer.param_groups[0]["lr"]
@@ -42,12 +51,19 @@ class TorchSeedGroup:
 
     def train_epoch(self, plans: list[EpochPlan], images: np.ndarray, labels: np.ndarray,
                     progresses: list[EpochProgress]) -> None:
+        processes = self.processes
         for state, plan, progress in zip(self.states, plans, progresses, strict=True):
+            report = progress.update
+            if processes.count > 1:
+                plan = plan.shard(processes.index, processes.count)
+                report = summed_over_processes(report, self.device)
             if self.device.type == "cuda":
                 batches = data.resident_batches(plan, *self.resident(images, labels))
             else:
                 batches = data.host_batches(plan, images, labels, self.device)
-            train_epoch(state, batches, progress.update)
+            train_epoch(state, batches, report)
+            if processes.count > 1:
+                share_main_buffers(state.model)
 
     def predict(self, images: np.ndarray, batch_size: int) -> list[np.ndarray]:
         return [predict(state.model, images, batch_size, self.device) for state in self.states]

@@ -11,6 +11,7 @@ import sys
 from common.driver import main
 from common.framework import Framework
 from torch_ref.checkpoints import read_checkpoint, read_weights
+from torch_ref.distributed import join_processes, launch_processes
 from torch_ref.evaluate import predict_with_weights
 from torch_ref.seed_group import TorchSeedGroup
 
@@ -24,6 +25,8 @@ FRAMEWORK = Framework(
     read_checkpoint=read_checkpoint,
     read_weights=read_weights,
     predict=predict_with_weights,
+    join_processes=join_processes,
+    launch_processes=launch_processes,
 )
 
 if __name__ == "__main__":

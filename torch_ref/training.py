@@ -32,6 +32,7 @@ class TrainState:
     """One seed's model, optimiser and scheduler, and its random stream between epochs."""
 
     model: Net
+    network: torch.nn.Module  # what train_step calls: the model, or DDP(model) across processes
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     label_smoothing: float
@@ -50,8 +51,9 @@ def create_train_state(seed: int, recipe: Recipe, steps_per_epoch: int, device: 
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, recipe)
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return TrainState(model, optimizer, make_scheduler(optimizer, recipe, steps_per_epoch), recipe.label_smoothing,
-                      recipe.schedule.per_step, torch.get_rng_state(), cuda_rng)
+    scheduler = make_scheduler(optimizer, recipe, steps_per_epoch)
+    return TrainState(model, model, optimizer, scheduler, recipe.label_smoothing, recipe.schedule.per_step,
+                      torch.get_rng_state(), cuda_rng)
 
 
 def training_loss(log_probs: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -68,9 +70,9 @@ def train_step(state: TrainState, batch: tuple[torch.Tensor, torch.Tensor]) -> t
     loss and correct count."""
     inputs, targets = batch
     state.optimizer.zero_grad(set_to_none=True)
-    log_probs = state.model(inputs)
+    log_probs = state.network(inputs)
     loss = training_loss(log_probs, targets, state.label_smoothing)
-    loss.backward()
+    loss.backward()  # under DDP, also averages the gradients over the processes
     state.optimizer.step()
     if state.step_per_batch:
         state.scheduler.step()
@@ -94,7 +96,7 @@ def seed_random_stream(state: TrainState) -> Iterator[None]:
 def train_epoch(state: TrainState, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                 report: Callable[[int, float, int], None]) -> None:
     """Every batch through `train_step`; `report(images, loss_sum, correct)` after each."""
-    state.model.train()
+    state.network.train()
     with seed_random_stream(state):
         for inputs, targets in batches:
             loss_sum, correct = train_step(state, (inputs, targets))

@@ -21,6 +21,7 @@ each: PyTorch 0.4161-0.4239 (float64: 0.4209), JAX plain layers 0.4194-0.4259, f
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -34,6 +35,8 @@ from bridge.convert import flax_to_torch
 from common.batching import Batch, plan_epoch, train_batches
 from common.mnist import Mnist
 from common.recipes import SEED
+from jax_impl.devices import data_mesh, put_replicated, replicated, split_along
+from jax_impl.ops import layers_for
 from jax_impl.training import create_train_state, train_step
 from tests.parity.helpers import dropout_masks, flax_masks, flax_variables, nchw_to_nhwc, torch_masks, torch_model
 from torch_ref.optim import make_scheduler
@@ -49,7 +52,9 @@ def shared_batches(data: Mnist) -> list[Batch]:
     return [batch for plan in plans for batch in train_batches(plan, data.train_images, data.train_labels)][:STEPS]
 
 
-def run_both(data: Mnist, torch_dtype, jax_dtype, layers):
+def run_both(data: Mnist, torch_dtype, jax_dtype, layers, devices: int = 1):
+    """PyTorch on the whole batch in one process; JAX with the batch split over `devices`
+    (jax_impl.devices: the state replicated, every batch and its masks cut along the batch)."""
     batches = shared_batches(data)
     rng = np.random.default_rng(11)
     masks = [dropout_masks(rng, BATCH) for _ in range(STEPS)]
@@ -72,16 +77,18 @@ def run_both(data: Mnist, torch_dtype, jax_dtype, layers):
     state = create_train_state(jax.random.key(0), SEED, steps_per_epoch=len(batches), layers=layers)
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
                           opt_state=state.tx.init(variables["params"]))
+    mesh = data_mesh(jax.devices("cpu")[:devices])
+    state, split = put_replicated(state, replicated(mesh)), split_along(mesh, 0)
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=replicated(mesh))
     def step(state, images, labels, step_masks):
         with flax_masks(step_masks):
             return train_step(state, (images, labels), jax.random.key(0))
 
     for batch, step_masks in zip(batches, masks, strict=True):
-        nhwc = {name: jnp.asarray(nchw_to_nhwc(mask), jax_dtype) for name, mask in step_masks.items()}
-        state, metrics = step(state, jnp.asarray(batch.images[..., None], jax_dtype),
-                              jnp.asarray(batch.labels, jnp.int32), nhwc)
+        nhwc = {name: np.asarray(nchw_to_nhwc(mask), jax_dtype) for name, mask in step_masks.items()}
+        images, labels = np.asarray(batch.images[..., None], jax_dtype), batch.labels.astype(np.int32)
+        state, metrics = step(state, *jax.device_put((images, labels, nhwc), split))
         jax_losses.append(float(metrics["loss_sum"]) / BATCH)
     assert int(state.step) == STEPS
     ours = flax_to_torch({"params": state.params, "batch_stats": state.batch_stats})
@@ -95,6 +102,18 @@ def relative_errors(ours, theirs):
 
 def test_100_steps_in_float64_agree_within_1e_9(synthetic_mnist, float64, layers):
     ours, theirs, jax_losses, torch_losses = run_both(synthetic_mnist, torch.float64, jnp.float64, layers)
+    np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-9)
+    for key, value in theirs.items():
+        np.testing.assert_allclose(ours[key], value, rtol=1e-9, atol=1e-12 * np.abs(value).max(), err_msg=key)
+
+
+def test_jax_on_2_devices_takes_pytorchs_100_steps_on_the_whole_batch(synthetic_mnist, float64):
+    """Data parallelism across frameworks: JAX's batch split over 2 devices (global-batch
+    BatchNorm, gradients summed over the devices) against PyTorch's single process, at the
+    float64 tolerance above. The CPU's fast layers: plain layers on N devices are covered by
+    tests/test_data_parallel_jax.py."""
+    ours, theirs, jax_losses, torch_losses = run_both(synthetic_mnist, torch.float64, jnp.float64,
+                                                      layers_for("fast"), devices=2)
     np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-9)
     for key, value in theirs.items():
         np.testing.assert_allclose(ours[key], value, rtol=1e-9, atol=1e-12 * np.abs(value).max(), err_msg=key)
