@@ -7,8 +7,9 @@ measured round-robin so that drift of the machine affects all variants alike; th
 ratio of each round, then its median; evaluation throughput; time to the first step and
 compile time; peak memory; achieved FLOP/s against the machine's sgemm peak measured in the
 same run. With --train, full training runs of both frameworks: accuracy against epoch and
-wall-clock time. Writes results.json, throughput.png (and accuracy.png) into --out and prints
-Markdown tables.
+wall-clock time. Full runs also measure data-parallel scaling, 1 against 2 devices in both
+frameworks (benchmarks/scaling.py). Writes results.json, throughput.png (and accuracy.png) into
+--out and prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from benchmarks import scaling  # noqa: E402
 from common.batching import EpochPlan, plan_epoch  # noqa: E402
 from common.errors import UserFacingError  # noqa: E402
 from common.framework import SeedGroup, TrainerConfig  # noqa: E402
@@ -78,7 +80,7 @@ def torch_channels_last(config: TrainerConfig, seeds: list[int]) -> TorchSeedGro
 def torch_compiled(config: TrainerConfig, seeds: list[int]) -> TorchSeedGroup:
     group = TorchSeedGroup(dataclasses.replace(config, ops="plain"), seeds)
     for state in group.states:
-        state.model = torch.compile(state.model)
+        state.network = torch.compile(state.model)
     return group
 
 
@@ -243,8 +245,8 @@ def run_probe(args: argparse.Namespace) -> None:
                   .head(3 * batch_size), data, variant.seeds)
     result = {"rss_before_training_mb": before_mb, "peak_rss_mb": _peak_rss_mb()}
     device = getattr(trainer, "device", None)
-    if isinstance(trainer, JaxSeedGroup) and trainer.device.platform != "cpu":
-        result["device_peak_mb"] = trainer.device.memory_stats().get("peak_bytes_in_use", 0) / 2**20
+    if isinstance(trainer, JaxSeedGroup) and trainer.platform != "cpu":
+        result["device_peak_mb"] = trainer.devices[0].memory_stats().get("peak_bytes_in_use", 0) / 2**20
     elif isinstance(device, torch.device) and device.type == "cuda":
         result["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(result))
@@ -344,6 +346,11 @@ def markdown(report: dict) -> str:
                  f"(XLA's cost analysis: {flops['per_image_xla'] / 1e6:.2f} M); sgemm peak "
                  f"{report['sgemm_gflops']['peak']:.0f} GFLOP/s (torch {report['sgemm_gflops']['torch']:.0f}, "
                  f"jax {report['sgemm_gflops']['jax']:.0f}).")
+    if report.get("scaling"):
+        where = "2 GPUs against 1" if report["scaling"]["device"] == "gpu" else "2 CPU devices against 1"
+        lines += ["", f"Data-parallel scaling, {where} (global batch {report['scaling']['batch_size']}, median of "
+                      f"{report['settings']['repeats']} rounds of {report['settings']['chunk_images']} images):", "",
+                  scaling.markdown(report["scaling"]["results"])]
     if report.get("training"):
         lines += ["", "| framework | final test accuracy | s to 99.0% | s to 99.4% | total s |",
                   "|---|---:|---:|---:|---:|"]
@@ -406,11 +413,11 @@ def _positive_list(text: str) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run under 2 minutes: 3 rounds, small chunks, no torch.compile or seed groups, "
-                             "memory at the first batch size only")
+                        help="a smoke run of about a minute: batch 128 only, 3 rounds, small chunks, no "
+                             "torch.compile, seed groups or scaling")
     parser.add_argument("--train", action="store_true", help="also train both frameworks fully with --recipe")
-    parser.add_argument("--batch-sizes", type=_positive_list, default=[128, 512],
-                        help="comma-separated batch sizes (default: 128,512)")
+    parser.add_argument("--batch-sizes", type=_positive_list, default=None,
+                        help="comma-separated batch sizes (default: 128,512; quick 128)")
     parser.add_argument("--repeats", type=_positive_int, default=None,
                         help="timed rounds per batch size (default 7; quick 3)")
     parser.add_argument("--chunk-images", type=_positive_int, default=None,
@@ -423,6 +430,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="results directory (default: benchmarks/results/<date-time>)")
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: memory of one variant
     args = parser.parse_args(argv)
+    args.batch_sizes = args.batch_sizes or ([128] if args.quick else [128, 512])
     args.repeats = args.repeats or (3 if args.quick else 7)
     args.chunk_images = args.chunk_images or (1024 if args.quick else 8192)
     if args.quick:
@@ -486,6 +494,11 @@ def compare(args: argparse.Namespace) -> int:
                 entry["memory"] = memory_probe(variant.name, batch_size, args)
             entries[variant.name] = entry
         report["throughput"][str(batch_size)] = entries
+    if not args.quick:  # four fresh processes that each compile or start a process group: full runs only
+        device = "gpu" if torch.cuda.device_count() >= 2 and args.device != "cpu" else "cpu"
+        batch_size = max(args.batch_sizes)
+        report["scaling"] = {"device": device, "batch_size": batch_size, "results": scaling.measure_all(
+            device, batch_size, args.repeats, args.chunk_images, args.data_dir)}
     if args.train:
         report["training"] = full_training(args, out)
     report["wall_seconds"] = time.perf_counter() - started
