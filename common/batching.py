@@ -67,6 +67,11 @@ class EpochPlan:
         return augment(images[self.order[positions]], self.crop[positions], self.source_index(positions),
                        self.crop_size)
 
+    def batch(self, images: np.ndarray, labels: np.ndarray, positions: slice) -> Batch:
+        """The augmented, normalised training batch at `positions` of this epoch's order."""
+        return Batch(normalize(self.augmented_pixels(images, positions)),
+                     labels[self.order[positions]].astype(np.int64))
+
 
 def plan_epoch(
     seed: int, epoch: int, num_examples: int, batch_size: int, augmentation: Augmentation
@@ -94,8 +99,7 @@ def check_even_shards(batch_size: int, epoch_images: int, devices: int) -> None:
 def train_batches(plan: EpochPlan, images: np.ndarray, labels: np.ndarray) -> Iterator[Batch]:
     """Augmented, normalised training batches of one epoch, in the plan's order."""
     for positions in plan.batch_slices():
-        pixels = plan.augmented_pixels(images, positions)
-        yield Batch(normalize(pixels), labels[plan.order[positions]].astype(np.int64))
+        yield plan.batch(images, labels, positions)
 
 
 class CopiedOnce:

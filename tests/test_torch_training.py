@@ -7,7 +7,9 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
+from common.batching import plan_epoch, train_batches
 from common.cli import build_parser
 from common.driver import main
 from common.errors import CheckpointError, TrainingDivergedError
@@ -56,7 +58,6 @@ def test_checkpoint_restores_the_run_into_a_trainer_seeded_otherwise(dry_run, sy
     --save-model from the group that ran) evaluated without a training state, its momentum
     buffers are the checkpoint's, and its schedule continues where the run stopped (still
     warming up, past the last logged epoch's lr), not at a fresh group's starting lr."""
-    import torch
 
     meta, payload = read_checkpoint(dry_run / "checkpoint.pt")
     assert meta["epoch"] == 2 and len(meta["history"]) == 2
@@ -83,7 +84,6 @@ def test_checkpoint_restores_the_run_into_a_trainer_seeded_otherwise(dry_run, sy
 def test_fast_ops_is_channels_last_with_the_same_predictions(dry_run, synthetic_mnist):
     """--ops fast: the same weights in channels_last memory; float64 so that the two layouts'
     different summation orders leave ~1e-15, and 1e-12 proves the same function."""
-    import torch
 
     _, payload = read_checkpoint(dry_run / "checkpoint.pt")
     images = (synthetic_mnist.test_images[:64] / 255.0).astype(np.float64)
@@ -101,7 +101,6 @@ def test_fast_ops_is_channels_last_with_the_same_predictions(dry_run, synthetic_
 
 
 def test_saved_model_loads_into_the_original_architecture(dry_run):
-    import torch
 
     from torch_ref.model import Net
 
@@ -195,9 +194,7 @@ def test_help_explains_every_flag():
 
 def test_device_augmentation_is_bit_identical_to_the_core(synthetic_mnist):
     """torch_ref.augment (used when MNIST is resident on a GPU), run here on CPU tensors."""
-    import torch
 
-    from common.batching import plan_epoch
     from common.transforms import augment as core_augment
     from common.transforms import normalize
     from torch_ref import augment
@@ -216,9 +213,7 @@ def test_device_augmentation_is_bit_identical_to_the_core(synthetic_mnist):
 def test_gpu_resident_batches_equal_host_batches(synthetic_mnist):
     """The GPU path's batches (device-resident data, device augmentation), run on CPU tensors,
     are exactly the host pipeline's."""
-    import torch
 
-    from common.batching import plan_epoch
 
     plan = plan_epoch(0, 1, len(synthetic_mnist.train_labels), 100, SEED.augmentation).head(250)
     cpu = torch.device("cpu")
@@ -230,11 +225,30 @@ def test_gpu_resident_batches_equal_host_batches(synthetic_mnist):
         assert torch.equal(host_x, dev_x) and torch.equal(host_y, dev_y)
 
 
+def test_host_batches_come_through_a_dataloader_and_leave_the_dropout_stream_alone(synthetic_mnist):
+    """The DataLoader serves the plan's batches, and draws nothing from torch's global random
+    stream, which the dropout masks come from."""
+    plan = plan_epoch(0, 1, len(synthetic_mnist.train_labels), 64, SEED.augmentation).head(64 * 2 + 10)
+    torch.manual_seed(0)
+    served = list(data.host_batches(plan, synthetic_mnist.train_images, synthetic_mnist.train_labels,
+                                    torch.device("cpu")))
+    after_the_epoch = torch.rand(4)
+    torch.manual_seed(0)
+    np.testing.assert_array_equal(after_the_epoch.numpy(), torch.rand(4).numpy())
+    assert isinstance(data.EpochBatches(plan, synthetic_mnist.train_images, synthetic_mnist.train_labels),
+                      torch.utils.data.Dataset)
+    expected = list(train_batches(plan, synthetic_mnist.train_images, synthetic_mnist.train_labels))
+    assert [len(labels) for _, labels in served] == [64, 64, 10]
+    for (inputs, labels), batch in zip(served, expected, strict=True):
+        assert inputs.shape == (len(batch.labels), 1, 28, 28) and labels.dtype == torch.int64
+        np.testing.assert_array_equal(inputs[:, 0].numpy(), batch.images)
+        np.testing.assert_array_equal(labels.numpy(), batch.labels)
+
+
 def test_seed_group_follows_each_single_run(synthetic_mnist):
     """Seed k of a group of two, trained in turn with the other, against a group of one
     holding seed k alone: each seed keeps its own random stream (dropout) between epochs, so
     two epochs give bit-identical weights, statistics and predictions."""
-    import torch
 
     from common.batching import plan_epoch
 
