@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common import cli  # noqa: E402
 from common.batching import plan_epoch, train_batches  # noqa: E402
-from common.mnist import load_mnist  # noqa: E402
 from common.recipes import SEED  # noqa: E402
 
 
@@ -31,11 +31,11 @@ def epoch_seconds(data, seed: int, batch_size: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=None, help="MNIST directory (default: $MNIST_DATA_DIR)")
+    cli.add_data_flags(parser)
     parser.add_argument("--batch-size", type=int, default=SEED.batch_size)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    data = load_mnist(args.data_dir)
+    data = cli.load_data(args)
     times = [epoch_seconds(data, seed, args.batch_size) for seed in range(args.repeats)]
     median = statistics.median(times)
     print(f"data pipeline: {median:.2f} s per 60,000-image epoch at batch {args.batch_size} "

@@ -38,11 +38,12 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from benchmarks import scaling  # noqa: E402
+from common import cli  # noqa: E402
 from common.batching import EpochPlan, plan_epoch  # noqa: E402
 from common.errors import UserFacingError  # noqa: E402
 from common.framework import SeedGroup, TrainerConfig  # noqa: E402
 from common.metrics import read_metrics  # noqa: E402
-from common.mnist import Mnist, load_mnist  # noqa: E402
+from common.mnist import Mnist  # noqa: E402
 from common.progress import EpochProgress  # noqa: E402
 from common.recipes import DEFAULT_RECIPE, get_recipe  # noqa: E402
 from common.spec import training_flops_per_image  # noqa: E402
@@ -225,15 +226,14 @@ def memory_probe(variant_name: str, batch_size: int, args: argparse.Namespace) -
     """Peak memory of one variant, trained for a few batches in a fresh process."""
     command = [sys.executable, str(Path(__file__).resolve()), "--probe", variant_name,
                "--batch-sizes", str(batch_size), "--device", args.device]
-    if args.data_dir:
-        command += ["--data-dir", args.data_dir]
+    command += cli.data_flags(args)
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
 def run_probe(args: argparse.Namespace) -> None:
     """--probe: train a few batches of one variant, print its memory as JSON (subprocess side)."""
-    data = load_mnist(args.data_dir)
+    data = cli.load_data(args)
     batch_size = args.batch_sizes[0]
     recipe = get_recipe(args.recipe)
     variant = next(v for v in variants(quick=False) if v.name == args.probe)
@@ -301,8 +301,7 @@ def full_training(args: argparse.Namespace, out: Path) -> dict[str, dict]:
         run_dir = out / module.split(".")[0]
         command = [sys.executable, "-m", module, "--recipe", args.recipe, "--out", str(run_dir), "--device",
                    args.device]
-        if args.data_dir:
-            command += ["--data-dir", args.data_dir]
+        command += cli.data_flags(args)
         subprocess.run(command, check=True, cwd=REPO)
         history = read_metrics(run_dir / "metrics.jsonl")
         elapsed = np.cumsum([r.epoch_seconds + r.eval_seconds for r in history])
@@ -425,7 +424,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-images", type=_positive_int, default=10000, help="test images per evaluation timing")
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe (default: {DEFAULT_RECIPE})")
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto", help="as for training")
-    parser.add_argument("--data-dir", default=None, help="MNIST directory (default: $MNIST_DATA_DIR, else the cache)")
+    cli.add_data_flags(parser)
     parser.add_argument("--out", type=Path, default=None,
                         help="results directory (default: benchmarks/results/<date-time>)")
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: memory of one variant
@@ -455,7 +454,7 @@ def compare(args: argparse.Namespace) -> int:
         return 0
     started = time.perf_counter()
     recipe = get_recipe(args.recipe)
-    data = load_mnist(args.data_dir)  # before --out exists, so that a data error leaves nothing behind
+    data = cli.load_data(args)  # before --out exists, so that a data error leaves nothing behind
     if max(args.batch_sizes) > len(data.train_labels):
         raise UserFacingError(f"--batch-sizes {max(args.batch_sizes)} is larger than the {len(data.train_labels):,} "
                               "training images; choose smaller batches.")
@@ -498,7 +497,7 @@ def compare(args: argparse.Namespace) -> int:
         device = "gpu" if torch.cuda.device_count() >= 2 and args.device != "cpu" else "cpu"
         batch_size = max(args.batch_sizes)
         report["scaling"] = {"device": device, "batch_size": batch_size, "results": scaling.measure_all(
-            device, batch_size, args.repeats, args.chunk_images, args.data_dir)}
+            device, batch_size, args.repeats, args.chunk_images, cli.data_flags(args))}
     if args.train:
         report["training"] = full_training(args, out)
     report["wall_seconds"] = time.perf_counter() - started

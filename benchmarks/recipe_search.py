@@ -84,8 +84,8 @@ def run(args: argparse.Namespace) -> None:
         from torch_ref.train import FRAMEWORK
     out = Path(args.root) / f"{args.name}-{args.framework}-seed{args.seed}"
     settings = RunSettings(recipe=recipe_for(args.name), seed=args.seed, test_batch_size=1000,
-                           data_dir=resolve_data_dir(args.data_dir), out=out, dry_run=False, validation=True,
-                           device="cpu", ops="auto", threads=None, devices=None, save_model=False)
+                           data_dir=resolve_data_dir(args.data_dir), data_source="idx", out=out, dry_run=False,
+                           validation=True, device="cpu", ops="auto", threads=None, devices=None, save_model=False)
     train(FRAMEWORK, [settings])
 
 

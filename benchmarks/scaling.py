@@ -25,9 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from common import cli  # noqa: E402
 from common.batching import plan_epoch  # noqa: E402
 from common.framework import TrainerConfig  # noqa: E402
-from common.mnist import load_mnist  # noqa: E402
 from common.recipes import DEFAULT_RECIPE, get_recipe  # noqa: E402
 from common.system import usable_cpu_count  # noqa: E402
 
@@ -51,14 +51,13 @@ def configurations(device: str) -> list[tuple[str, str, int, list[str], dict[str
     ]
 
 
-def measure_all(device: str, batch_size: int, rounds: int, chunk_images: int, data_dir: str | None) -> list[dict]:
-    """Every configuration in its own process, one after the other."""
+def measure_all(device: str, batch_size: int, rounds: int, chunk_images: int, data_flags: list[str]) -> list[dict]:
+    """Every configuration in its own process, one after the other; `data_flags` as cli.data_flags gives them."""
     results = []
     for framework, label, devices, command, environment in configurations(device):
         worker = [*command, "--worker", framework, "--devices", str(devices), "--device", device,
-                  "--batch-size", str(batch_size), "--rounds", str(rounds), "--chunk-images", str(chunk_images)]
-        if data_dir:
-            worker += ["--data-dir", data_dir]
+                  "--batch-size", str(batch_size), "--rounds", str(rounds), "--chunk-images", str(chunk_images),
+                  *data_flags]
         output = subprocess.run(worker, cwd=REPO, capture_output=True, text=True, check=True,
                                 env={**os.environ, **environment}).stdout
         line = next(line for line in output.splitlines() if line.startswith(RESULT_PREFIX))
@@ -90,7 +89,7 @@ def worker(args: argparse.Namespace) -> None:
         from torch_ref.train import FRAMEWORK
     processes = FRAMEWORK.join_processes(args.device, args.devices if args.devices > 1 else None)
     recipe = get_recipe(DEFAULT_RECIPE).with_overrides(batch_size=args.batch_size)
-    data = load_mnist(args.data_dir)
+    data = cli.load_data(args)
     steps = max(1, args.chunk_images // args.batch_size)
     config = TrainerConfig(recipe, args.device, None, steps_per_epoch=steps, devices=args.devices,
                            processes=processes, epoch_images=steps * args.batch_size)
@@ -121,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per setting (default: 5)")
     parser.add_argument("--chunk-images", type=int, default=8192, help="images per round (default: 8192)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="cpu (default) or gpu")
-    parser.add_argument("--data-dir", default=None, help="MNIST directory (default: $MNIST_DATA_DIR, else the cache)")
+    cli.add_data_flags(parser)
     parser.add_argument("--worker", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -132,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args)
         return 0
-    print(markdown(measure_all(args.device, args.batch_size, args.rounds, args.chunk_images, args.data_dir)))
+    print(markdown(measure_all(args.device, args.batch_size, args.rounds, args.chunk_images, cli.data_flags(args))))
     return 0
 
 

@@ -10,8 +10,9 @@ import argparse
 import math
 from collections.abc import Callable
 
-from common.mnist import DATA_DIR_ENV, DEFAULT_DATA_DIR
+from common.mnist import DATA_DIR_ENV, DEFAULT_DATA_DIR, Mnist
 from common.recipes import DEFAULT_RECIPE, RECIPES
+from common.sources import DEFAULT_SOURCE, SOURCES, TFDS_DATA_DIR_ENV, load_source
 
 DEVICES = ("auto", "cpu", "gpu")
 OPS = ("auto", "plain", "fast")
@@ -60,10 +61,7 @@ def build_parser(framework: str, module: str) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=_non_negative_int, default=None, metavar="S",
                         help="seed of the weights, the shuffle, the augmentation and dropout "
                              "(default: 0)")
-    parser.add_argument("--data-dir", default=None, metavar="DIR",
-                        help=f"directory with the MNIST files (gzipped or not, or torchvision's "
-                             f"MNIST/raw); missing files are downloaded there (default: "
-                             f"${DATA_DIR_ENV}, else {DEFAULT_DATA_DIR})")
+    add_data_flags(parser)
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="run directory for metrics, plots, config and checkpoint (default: "
                              "runs/<framework>-<recipe>-seed<S>-<date-time>)")
@@ -97,6 +95,36 @@ def build_parser(framework: str, module: str) -> argparse.ArgumentParser:
                         help="continue a run from its checkpoint (a run directory or checkpoint "
                              "file), in that directory, with its recipe and seed")
     return parser
+
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    """--data-dir and --data-source, for the trainers and the benchmarks alike."""
+    parser.add_argument("--data-dir", default=None, metavar="DIR",
+                        help=f"directory with the MNIST files (gzipped or not, or torchvision's "
+                             f"MNIST/raw); missing files are downloaded there (default: "
+                             f"${DATA_DIR_ENV}, else {DEFAULT_DATA_DIR})")
+    parser.add_argument("--data-source", choices=SOURCES, default=None,
+                        help=f"how MNIST is read; every source gives the official 70,000 examples (tfds and "
+                             f"torchvision are checked against them). idx: this project's reader of the IDX files "
+                             f"in the data directory, verified by SHA-256, downloading what is missing. tfds: "
+                             f"tensorflow-datasets' prepared MNIST (from the data directory if it is a tfds data "
+                             f"directory, else ${TFDS_DATA_DIR_ENV} or ~/tensorflow_datasets), prepared offline from "
+                             f"the official files if tfds has none; pip install -e '.[tfds]'. torchvision: "
+                             f"torchvision.datasets.MNIST over the data directory (its MNIST/raw folder); pip "
+                             f"install -e '.[torchvision]'. tfds stores the examples in another order, so its "
+                             f"batches and results differ from the others' (default: {DEFAULT_SOURCE}; a resumed "
+                             f"run keeps its own)")
+
+
+def data_flags(args: argparse.Namespace) -> list[str]:
+    """The data flags of `args` again, for a trainer or worker started as a subprocess."""
+    return ((["--data-dir", args.data_dir] if args.data_dir else [])
+            + (["--data-source", args.data_source] if args.data_source else []))
+
+
+def load_data(args: argparse.Namespace) -> Mnist:
+    """MNIST as the data flags of `args` ask (the benchmarks' way; the trainers go through their settings)."""
+    return load_source(args.data_source or DEFAULT_SOURCE, args.data_dir)
 
 
 def _checked(convert: Callable[[str], float], accept: Callable[[float], bool], wanted: str):

@@ -24,11 +24,12 @@ from common.errors import UserFacingError
 from common.files import write_json
 from common.framework import SINGLE_PROCESS, Framework, Processes, SeedGroup, TrainerConfig
 from common.metrics import EpochRecord, evaluate_log_probs
-from common.mnist import Mnist, load_mnist, validation_split
+from common.mnist import Mnist, validation_split
 from common.progress import EpochProgress
 from common.report import markdown_report
 from common.run_log import EvaluationSet, RunLog, refuse_non_finite
 from common.settings import RunSettings, checkpoint_path, refuse_to_overwrite, settings_from_args
+from common.sources import load_source
 from common.transforms import normalize
 
 
@@ -157,10 +158,11 @@ def train(framework: Framework, runs: list[RunSettings], resumed: tuple[dict, ob
 
 
 def _load_data(settings: RunSettings, processes: Processes) -> Mnist:
-    """The training and evaluation images; process 0 first, so that only it downloads missing files."""
+    """The training and evaluation images; process 0 first, so that only it downloads missing files
+    (or prepares tfds's copy)."""
     if not processes.is_main:
         processes.barrier()
-    data = load_mnist(settings.data_dir)
+    data = load_source(settings.data_source, settings.data_dir)
     if processes.is_main:
         processes.barrier()
     return validation_split(data) if settings.validation else data

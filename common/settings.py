@@ -13,6 +13,7 @@ from common.errors import CheckpointError, UserFacingError
 from common.framework import Framework
 from common.mnist import resolve_data_dir
 from common.recipes import DEFAULT_RECIPE, Recipe, get_recipe, recipe_from_dict
+from common.sources import DEFAULT_SOURCE
 
 # What any run of either framework writes into its directory: a directory holding one of these
 # belongs to a run, and only --resume may write into it again.
@@ -27,6 +28,7 @@ class RunSettings:
     seed: int
     test_batch_size: int
     data_dir: Path
+    data_source: str
     out: Path
     dry_run: bool
     validation: bool
@@ -58,17 +60,19 @@ def settings_from_args(framework: Framework, args: argparse.Namespace, resumed_m
         out = Path(args.out) if args.out else default_out(framework.name, recipe, args.seeds or seed, args.dry_run)
         if writes:
             refuse_to_overwrite(out)
-        return RunSettings(recipe=recipe, seed=seed, out=out, **common)
+        return RunSettings(recipe=recipe, seed=seed, data_source=args.data_source or DEFAULT_SOURCE, out=out, **common)
 
     saved = resumed_meta["settings"]
     recipe = recipe_from_dict(saved["recipe"])
-    requested = {"recipe": args.recipe, "seed": args.seed, **overrides}
-    current = {"recipe": recipe.name, "seed": saved["seed"], **{k: getattr(recipe, k) for k in overrides}}
+    # The data source fixes the examples' order, so it belongs to the run like its seed.
+    requested = {"recipe": args.recipe, "seed": args.seed, "data_source": args.data_source, **overrides}
+    current = {"recipe": recipe.name, "seed": saved["seed"], "data_source": saved.get("data_source", DEFAULT_SOURCE),
+               **{k: getattr(recipe, k) for k in overrides}}
     conflicts = [f"--{k.replace('_', '-')} {v} (checkpoint: {current[k]})"
                  for k, v in requested.items() if v is not None and v != current[k]]
     if conflicts:
         raise UserFacingError(
-            "a resumed run keeps the recipe and seed it started with, but these flags differ: "
+            "a resumed run keeps the recipe, seed and data source it started with, but these flags differ: "
             + ", ".join(conflicts) + ". Drop them, or start a new run without --resume."
         )
     if args.validation and not saved["validation"]:
@@ -82,7 +86,7 @@ def settings_from_args(framework: Framework, args: argparse.Namespace, resumed_m
     out = Path(args.out) if args.out else run_dir
     if writes and out.resolve() != run_dir.resolve():
         refuse_to_overwrite(out)
-    return RunSettings(recipe=recipe, seed=saved["seed"], out=out, **common)
+    return RunSettings(recipe=recipe, seed=saved["seed"], data_source=current["data_source"], out=out, **common)
 
 
 def refuse_to_overwrite(out: Path) -> None:

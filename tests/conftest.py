@@ -18,6 +18,7 @@ import jax
 import pytest
 
 from common.mnist import DATA_DIR_ENV, UNVERIFIED_TEST_DIR_ENV, Mnist, load_mnist
+from common.sources import TFDS_DATA_DIR_ENV
 from tests.synthetic_mnist import write_synthetic_mnist
 
 pytest_plugins = ["tests.no_silent_skips"]
@@ -40,6 +41,15 @@ def _each_jax_program_compiled_once(tmp_path_factory) -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax-compilation-cache")))
         enable_compilation_cache()
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tfds_data_dir_of_the_session(tmp_path_factory) -> Iterator[None]:
+    """tfds's data directory for the session, so that no test prepares anything in the user's
+    ~/tensorflow_datasets."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(TFDS_DATA_DIR_ENV, str(tmp_path_factory.mktemp("tensorflow_datasets")))
         yield
 
 
@@ -68,3 +78,13 @@ def real_mnist_dir() -> Path:
 @pytest.fixture(scope="session")
 def real_mnist(real_mnist_dir: Path) -> Mnist:
     return load_mnist(real_mnist_dir, download=False)
+
+
+@pytest.fixture(scope="session")
+def synthetic_tfds(synthetic_dir: Path, synthetic_mnist: Mnist) -> Path:
+    """The synthetic MNIST also as tfds's prepared dataset, stored in the synthetic directory
+    itself (`synthetic_dir/mnist/<version>`), which makes that directory a tfds data directory
+    too: `--data-source tfds --data-dir synthetic_dir` reads it, unverified like the IDX files."""
+    from tests.synthetic_mnist import write_synthetic_tfds
+
+    return write_synthetic_tfds(synthetic_mnist, synthetic_dir)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.mnist import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS
+from common.mnist import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, Mnist
 from tests.idx_files import write_idx
 
 TRAIN_COUNT = 640  # ten batches of 64, two and a half of 256
@@ -74,3 +74,21 @@ def write_synthetic_mnist(directory: Path, seed: int = 0) -> Path:
                         (TEST_IMAGES, test_images), (TEST_LABELS, test_labels)):
         write_idx(directory / f"{spec.name}.gz", array)
     return directory
+
+
+def write_synthetic_tfds(data: Mnist, data_dir: Path) -> Path:
+    """`data` as tfds's prepared MNIST in the tfds data directory `data_dir` (`data_dir/mnist/<version>`),
+    with the features and version of tfds's own MNIST builder, which reads it back as it reads
+    the real one. tfds's builder itself prepares only the official files (it checks their
+    checksums and counts), hence this writer. tfds shuffles the examples as it stores them."""
+    import tensorflow_datasets as tfds
+
+    reference = tfds.builder("mnist", data_dir=data_dir)
+    splits = {name: [(index, {"image": image[..., None], "label": int(label)})
+                     for index, (image, label) in enumerate(zip(images, labels, strict=True))]
+              for name, images, labels in (("train", data.train_images, data.train_labels),
+                                           ("test", data.test_images, data.test_labels))}
+    tfds.dataset_builders.store_as_tfds_dataset(name="mnist", version=str(reference.info.version),
+                                                features=reference.info.features, split_datasets=splits,
+                                                data_dir=data_dir)
+    return data_dir

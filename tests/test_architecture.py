@@ -1,6 +1,7 @@
 """The layering rules of the packages, read from the source with tools/import_graph.py (never by importing it).
 
-    common: numpy, the standard library, tqdm, matplotlib; no framework.
+    common: numpy, the standard library, tqdm, matplotlib; no framework. common.sources alone may
+        also import the optional data sources (tensorflow_datasets, tensorflow, torchvision).
     torch_ref, jax_impl: common and their own framework; never each other, never the bridge.
     bridge: common, torch_ref and jax_impl (the only package that sees both).
 
@@ -24,6 +25,8 @@ SIZE_LIMITED = ("common", "torch_ref", "jax_impl")
 TORCH = frozenset({"torch", "torchvision"})
 JAX = frozenset({"jax", "jaxlib", "flax", "optax", "chex"})
 COMMON_MAY_USE = frozenset({"numpy", "tqdm", "matplotlib"})
+DATA_SOURCES = {"common.sources": frozenset({"tensorflow_datasets", "tensorflow", "importlib_resources",
+                                             "torchvision"})}
 
 
 def _offences(root: Path, package: str, forbidden_packages: set[str], forbidden_names: frozenset[str]) -> list[str]:
@@ -39,7 +42,7 @@ def _offences(root: Path, package: str, forbidden_packages: set[str], forbidden_
         f"{module} imports {name}"
         for module, names in third_party_imports(root).items()
         if package_of(module) == package
-        for name in sorted(names & forbidden_names)
+        for name in sorted(names & forbidden_names - DATA_SOURCES.get(module, frozenset()))
     ]
     return sorted(found)
 
@@ -59,7 +62,7 @@ def common_third_party_offences(root: Path) -> list[str]:
         f"{module} imports {name}"
         for module, names in third_party_imports(root).items()
         if package_of(module) == "common"
-        for name in names - COMMON_MAY_USE
+        for name in names - COMMON_MAY_USE - DATA_SOURCES.get(module, frozenset())
     )
 
 
@@ -117,6 +120,7 @@ CLEAN_TREE = {
     "common/__init__.py": "",
     "common/spec.py": "import numpy as np\nSIZE = 28\n",
     "common/training.py": "from tqdm import tqdm\nfrom . import spec\nfrom common.spec import SIZE\n",
+    "common/sources.py": "def load():\n    import tensorflow_datasets\n    from torchvision.datasets import MNIST\n",
     "torch_ref/__init__.py": "",
     "torch_ref/model.py": "import torch\nfrom common import spec\n",
     "jax_impl/__init__.py": "",
@@ -133,6 +137,7 @@ BROKEN_TREE = {
     **CLEAN_TREE,
     "common/plots.py": "def draw():\n    import torch  # lazily\n",
     "common/report.py": "import pandas\nfrom jax_impl.model import nn\n",
+    "common/mnist.py": "def load():\n    import torchvision  # a data source outside common.sources\n",
     "jax_impl/convert.py": "def read(path):\n    import torch\n    from torch_ref.model import torch as t\n",
     "jax_impl/bridged.py": "from bridge import convert\n",
     "torch_ref/train.py": "import optax\nfrom ..jax_impl import model\n",
@@ -159,14 +164,16 @@ def broken_root(tmp_path: Path) -> Path:
 
 def test_the_scanner_reads_every_form_of_import(clean_root: Path):
     imports = module_imports(clean_root)
-    assert set(imports) == {"common", "common.spec", "common.training", "torch_ref", "torch_ref.model",
-                            "jax_impl", "jax_impl.model", "bridge", "bridge.convert"}  # no tests, no benchmarks
+    assert set(imports) == {"common", "common.spec", "common.training", "common.sources", "torch_ref",
+                            "torch_ref.model", "jax_impl", "jax_impl.model", "bridge",
+                            "bridge.convert"}  # no tests, no benchmarks
     assert imports["common.training"] == {"common.spec"}  # `from . import spec` and `from common.spec import SIZE`
     assert imports["torch_ref.model"] == {"common.spec"}  # `from common import spec` is the module common.spec
     assert imports["bridge.convert"] == {"torch_ref.model", "jax_impl.model"}
     third_party = third_party_imports(clean_root)
     assert third_party["jax_impl.model"] == {"jax", "flax"}
     assert third_party["common.training"] == {"tqdm"}  # the standard library and project names are not
+    assert third_party["common.sources"] == {"tensorflow_datasets", "torchvision"}  # inside a function
 
 
 def test_a_tree_that_keeps_the_rules_passes_every_check(clean_root: Path):
@@ -177,8 +184,10 @@ def test_a_tree_that_keeps_the_rules_passes_every_check(clean_root: Path):
 
 
 def test_a_tree_that_breaks_the_rules_is_caught_module_by_module(broken_root: Path):
-    assert common_offences(broken_root) == ["common.plots imports torch", "common.report imports jax_impl.model"]
-    assert common_third_party_offences(broken_root) == ["common.plots imports torch", "common.report imports pandas"]
+    assert common_offences(broken_root) == ["common.mnist imports torchvision", "common.plots imports torch",
+                                            "common.report imports jax_impl.model"]
+    assert common_third_party_offences(broken_root) == [
+        "common.mnist imports torchvision", "common.plots imports torch", "common.report imports pandas"]
     assert framework_offences(broken_root) == [
         "jax_impl.bridged imports bridge.convert",
         "jax_impl.convert imports torch",  # inside a function

@@ -4,7 +4,8 @@
 
 The rules this checks (and prints under the picture):
 
-    common: numpy, the standard library, tqdm, matplotlib; no framework.
+    common: numpy, the standard library, tqdm, matplotlib; no framework. common.sources alone may
+        also import the optional data sources (tensorflow_datasets, tensorflow, torchvision).
     torch_ref, jax_impl: common and their own framework; never each other, never the bridge.
     bridge: common, torch_ref and jax_impl (the only package that sees both).
 
@@ -40,11 +41,14 @@ BRIDGE_LAYER = 2
 TORCH_FAMILY = frozenset({"torch", "torchvision", "torchaudio"})
 JAX_FAMILY = frozenset({"jax", "jaxlib", "flax", "optax", "chex"})
 COMMON_THIRD_PARTY = frozenset({"numpy", "tqdm", "matplotlib"})
+# The one exception: common.sources imports the optional data sources' packages, when a run names them.
+DATA_SOURCE_MODULE = "common.sources"
+DATA_SOURCE_PACKAGES = frozenset({"tensorflow_datasets", "tensorflow", "importlib_resources", "torchvision"})
 # The third-party names each package must not import; common has an allow-list instead.
 FORBIDDEN_THIRD_PARTY = {"torch_ref": JAX_FAMILY, "jax_impl": TORCH_FAMILY}
 
 DEFAULT_NOTES = (
-    "common: numpy, the standard library, tqdm, matplotlib; no framework.",
+    "common: numpy, the standard library, tqdm, matplotlib; no framework (common.sources: also tfds, torchvision).",
     "torch_ref, jax_impl: common and their own framework; never each other, never the bridge.",
     "bridge: common, torch_ref and jax_impl (the only package that sees both).",
 )
@@ -189,6 +193,8 @@ def find_violations(internal: Mapping[str, set[str]], third_party: Mapping[str, 
     for module, names in third_party.items():
         source = package_of(module)
         for name in names:
+            if module == DATA_SOURCE_MODULE and name in DATA_SOURCE_PACKAGES:
+                continue
             if source == "common" and name not in COMMON_THIRD_PARTY:
                 found.append(Violation(module, name, f"common imports only {', '.join(sorted(COMMON_THIRD_PARTY))}"))
             elif name in FORBIDDEN_THIRD_PARTY.get(source, ()):

@@ -1,4 +1,4 @@
-"""(g) Both trainers receive identical batches; (h) a trained model converted to the other
+"""(g) Both trainers receive identical batches, from each data source; (h) a trained model converted to the other
 framework makes the same test predictions with the same loss."""
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from common.batching import plan_epoch
 from common.driver import main
 from common.evaluation import evaluate_file
 from common.framework import TrainerConfig
+from common.mnist import Mnist
 from common.progress import EpochProgress
 from common.recipes import SEED
+from common.sources import load_source
 from jax_impl import augment
 from jax_impl.seed_group import JaxSeedGroup
 from jax_impl.train import FRAMEWORK as JAX
@@ -27,15 +29,23 @@ from torch_ref.train import FRAMEWORK as TORCH
 CONFIG = TrainerConfig(SEED, device="cpu", threads=None, steps_per_epoch=3)
 
 
-def test_same_seed_feeds_identical_batches_to_both_trainers(synthetic_mnist, ops):
-    plan = plan_epoch(0, 1, len(synthetic_mnist.train_labels), 64, SEED.augmentation).head(64 * 2 + 10)
+@pytest.fixture(params=["idx", "tfds"])
+def source_mnist(request, synthetic_dir) -> Mnist:
+    """The synthetic MNIST as each data source gives it (tfds: the same examples, in its order)."""
+    if request.param == "tfds":
+        request.getfixturevalue("synthetic_tfds")
+    return load_source(request.param, synthetic_dir, download=False)
+
+
+def test_same_seed_feeds_identical_batches_to_both_trainers(source_mnist, ops):
+    plan = plan_epoch(0, 1, len(source_mnist.train_labels), 64, SEED.augmentation).head(64 * 2 + 10)
     torch_inputs, jax_inputs = [], []
 
     config = dataclasses.replace(CONFIG, ops=ops)
     torch_group = TorchSeedGroup(config, [0])
     torch_group.states[0].model.register_forward_pre_hook(
         lambda module, args: torch_inputs.append(args[0].numpy().copy()))
-    torch_group.train_epoch([plan], synthetic_mnist.train_images, synthetic_mnist.train_labels,
+    torch_group.train_epoch([plan], source_mnist.train_images, source_mnist.train_labels,
                             [EpochProgress(1, 1, 138, enabled=False)])
 
     jax_group = JaxSeedGroup(config, [0])
@@ -46,16 +56,16 @@ def test_same_seed_feeds_identical_batches_to_both_trainers(synthetic_mnist, ops
         return compiled_step(state, batch, keys)
 
     jax_group.step = recording_step
-    jax_group.train_epoch([plan], synthetic_mnist.train_images, synthetic_mnist.train_labels,
+    jax_group.train_epoch([plan], source_mnist.train_images, source_mnist.train_labels,
                           [EpochProgress(1, 1, 138, enabled=False)])
 
     assert [len(x) for x in torch_inputs] == [len(x) for x, _ in jax_inputs] == [64, 64, 10]
     for torch_batch, (jax_batch, jax_labels), positions in zip(torch_inputs, jax_inputs, plan.batch_slices(),
                                                                 strict=True):
         np.testing.assert_array_equal(torch_batch[:, 0], jax_batch[..., 0])  # same pixels, bit for bit
-        np.testing.assert_array_equal(jax_labels, synthetic_mnist.train_labels[plan.order[positions]])
+        np.testing.assert_array_equal(jax_labels, source_mnist.train_labels[plan.order[positions]])
         # The on-device (lax.scan) path computes the same pixels from the same draws.
-        device_pixels = augment.augment(jax.numpy.asarray(synthetic_mnist.train_images[plan.order[positions]]),
+        device_pixels = augment.augment(jax.numpy.asarray(source_mnist.train_images[plan.order[positions]]),
                                         plan.crop[positions], plan.source_index(positions),
                                         plan.crop_size)
         np.testing.assert_array_equal(np.asarray(augment.normalize(device_pixels)), jax_batch[..., 0])
