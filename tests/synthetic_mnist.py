@@ -12,6 +12,7 @@ checksum check and the official image counts are switched off for their director
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -91,4 +92,5 @@ def write_synthetic_tfds(data: Mnist, data_dir: Path) -> Path:
     tfds.dataset_builders.store_as_tfds_dataset(name="mnist", version=str(reference.info.version),
                                                 features=reference.info.features, split_datasets=splits,
                                                 data_dir=data_dir)
+    shutil.rmtree(data_dir / "downloads", ignore_errors=True)  # tfds's empty scratch folder
     return data_dir
