@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable
 
 from common.mnist import DATA_DIR_ENV, DEFAULT_DATA_DIR, Mnist
-from common.recipes import DEFAULT_RECIPE, RECIPES
+from common.recipes import DEFAULT_RECIPE, RECALIBRATIONS, RECIPES
 from common.sources import DEFAULT_SOURCE, SOURCES, TFDS_DATA_DIR_ENV, load_source
 
 DEVICES = ("auto", "cpu", "gpu")
@@ -49,6 +49,12 @@ def build_parser(framework: str, module: str) -> argparse.ArgumentParser:
                         help="peak learning rate (default: the recipe's)")
     parser.add_argument("--momentum", type=_unit_interval, default=None, metavar="M",
                         help="SGD momentum in [0, 1) (default: the recipe's)")
+    parser.add_argument("--recalibrate-bn", choices=RECALIBRATIONS, default=None,
+                        help="recompute the BatchNorm statistics over the training images after the last epoch "
+                             "(final) or after every epoch (epoch), before evaluating and saving: train mode, dropout "
+                             "off, no weight changed, every batch weighed equally (torch.optim.swa_utils.update_bn's "
+                             "rule), instead of the running averages collected under dropout and augmentation "
+                             "(default: the recipe's)")
     parser.add_argument("--seeds", type=_seed_list, default=None, metavar="S,S,...",
                         help="train several seeds as one group and write a summary; each run goes to "
                              "<out>/seed<S> and follows the run of its seed alone (JAX: one compiled program over "

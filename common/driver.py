@@ -133,6 +133,12 @@ def train(framework: Framework, runs: list[RunSettings], resumed: tuple[dict, ob
         epoch_seconds = time.perf_counter() - started
         progresses[0].close()
 
+        recalibration_seconds = 0.0
+        if recipe.recalibrates_after(epoch, epochs):
+            started = time.perf_counter()
+            group.recalibrate_batchnorm(normalize(data.train_images[:len(first_plan.order)]), recipe.batch_size)
+            recalibration_seconds = time.perf_counter() - started
+
         started = time.perf_counter()
         predictions = group.predict(evaluation_set.inputs, first.test_batch_size)
         evaluations = [evaluate_log_probs(log_probs, evaluation_set.labels) for log_probs in predictions]
@@ -144,7 +150,7 @@ def train(framework: Framework, runs: list[RunSettings], resumed: tuple[dict, ob
             continue
         for index, (log, progress, evaluation) in enumerate(zip(logs, progresses, evaluations, strict=True)):
             record = EpochRecord(epoch, lr, progress.loss, progress.accuracy, evaluation.loss, evaluation.accuracy,
-                                 epoch_seconds, eval_seconds, compile_seconds)
+                                 epoch_seconds, eval_seconds, compile_seconds, recalibration_seconds)
             log.end_epoch(record, evaluation, lambda meta, index=index: group.checkpoint_bytes(index, meta))
 
     if evaluations is None:  # resumed a run that had already finished: evaluate it again

@@ -16,15 +16,23 @@ from common.errors import UserFacingError
 from common.framework import Framework
 from common.metrics import Evaluation, evaluate_log_probs
 from common.mnist import load_mnist
+from common.recipes import BEST
 from common.transforms import normalize
+
+RECALIBRATION_BATCH_SIZE = BEST.batch_size  # the default recipe's training batch
 
 
 def evaluate_file(framework: Framework, path: Path, data_dir: str | None = None,
-                  batch_size: int = DEFAULT_TEST_BATCH_SIZE, device: str = "auto", ops: str = "auto") -> Evaluation:
+                  batch_size: int = DEFAULT_TEST_BATCH_SIZE, device: str = "auto", ops: str = "auto",
+                  recalibration_batch_size: int | None = None) -> Evaluation:
     """Evaluate the weights in `path` on the 10,000 MNIST test images: the model and its weights
-    alone, with no optimiser, schedule or training state built."""
+    alone, with no optimiser, schedule or training state built. With `recalibration_batch_size`,
+    their BatchNorm statistics are first recomputed over the 60,000 training images, that many
+    at a time (SeedGroup.recalibrate_batchnorm's rule)."""
     weights = framework.read_weights(path)
     data = load_mnist(data_dir)
+    if recalibration_batch_size:
+        weights = framework.recalibrate(weights, normalize(data.train_images), recalibration_batch_size, device, ops)
     log_probs = framework.predict(weights, normalize(data.test_images), batch_size, device, ops)
     return evaluate_log_probs(log_probs, data.test_labels)
 
@@ -42,9 +50,17 @@ def main(framework: Framework, argv: list[str] | None = None) -> int:
                         help=f"evaluation batch size (default: {DEFAULT_TEST_BATCH_SIZE})")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="as for training (default: auto)")
     parser.add_argument("--ops", choices=OPS, default="auto", help="layers, as for training (default: auto)")
+    parser.add_argument("--recalibrate-bn", type=int, nargs="?", const=RECALIBRATION_BATCH_SIZE, default=None,
+                        metavar="BATCH",
+                        help="first recompute the BatchNorm statistics over the 60,000 training images, BATCH at a "
+                             "time (default BATCH: %(const)s), in train mode with dropout off and no weight changed "
+                             "(torch.optim.swa_utils.update_bn's rule), instead of the running averages training left")
     args = parser.parse_args(argv)
+    if args.recalibrate_bn is not None and args.recalibrate_bn < 1:
+        parser.error(f"--recalibrate-bn {args.recalibrate_bn}: give a positive batch size")
     try:
-        result = evaluate_file(framework, args.weights, args.data_dir, args.test_batch_size, args.device, args.ops)
+        result = evaluate_file(framework, args.weights, args.data_dir, args.test_batch_size, args.device, args.ops,
+                               args.recalibrate_bn)
     except UserFacingError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -74,6 +74,11 @@ class SeedGroup(Protocol):
                     progresses: list[EpochProgress]) -> None:
         """Train every seed on every batch of its plan (uint8 `images`), reporting to its progress."""
 
+    def recalibrate_batchnorm(self, images: np.ndarray, batch_size: int) -> None:
+        """Replace each seed's BatchNorm running statistics by their recomputation over the
+        normalised `images` (N, 28, 28), `batch_size` at a time, in file order: train mode, dropout
+        off, no weight update, every batch's statistics weighed equally (update_bn's rule)."""
+
     def predict(self, images: np.ndarray, batch_size: int) -> list[np.ndarray]:
         """Each seed's eval-mode log-probabilities (N, 10) float32 of normalised images (N, 28, 28)."""
 
@@ -104,6 +109,9 @@ class Framework:
     read_weights: Callable[[Path], Any]  # checkpoint or weights file -> weights for `predict`
     # (weights, normalised images, batch size, --device, --ops) -> log-probabilities, no training state
     predict: Callable[[Any, np.ndarray, int, str, str], np.ndarray]
+    # (weights, normalised training images, batch size, --device, --ops) -> the weights with their
+    # BatchNorm statistics recomputed over the images (SeedGroup.recalibrate_batchnorm's rule)
+    recalibrate: Callable[[Any, np.ndarray, int, str, str], Any]
     # (--device, --devices) -> this process's place among the processes it was launched with; runs
     # before the framework touches a device (JAX must learn the number of CPU devices before it starts)
     join_processes: Callable[[str, DeviceCount], Processes]

@@ -29,7 +29,8 @@ class EpochRecord:
     test_accuracy: float
     epoch_seconds: float  # training only: augmentation, forward, backward, update (wall clock)
     eval_seconds: float  # evaluation on the test set (wall clock)
-    compile_seconds: float  # part of the two above spent compiling (0 for eager PyTorch)
+    compile_seconds: float  # part of these seconds spent compiling (0 for eager PyTorch)
+    recalibration_seconds: float = 0.0  # recomputing the BatchNorm statistics (Recipe.recalibrate_bn), if done
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ class OneCycleSchedule:
 
 
 SCHEDULES = {"step": StepSchedule, "onecycle": OneCycleSchedule}
+RECALIBRATIONS = ("none", "final", "epoch")
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,19 @@ class Recipe:
     # Torch's cross_entropy(label_smoothing=...): the target keeps 1 - label_smoothing on the true
     # class and spreads label_smoothing evenly over all ten.
     label_smoothing: float = 0.0
+    # BatchNorm statistics recomputed over the training images after training ("final") or
+    # after every epoch ("epoch"), in train mode with dropout off and no weight update, as
+    # torch.optim.swa_utils.update_bn does (equal weight per batch): the running averages
+    # collected under dropout and augmentation describe other activations than evaluation sees.
+    recalibrate_bn: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.recalibrate_bn not in RECALIBRATIONS:
+            raise UserFacingError(f"recalibrate_bn {self.recalibrate_bn!r}: choose one of {', '.join(RECALIBRATIONS)}")
+
+    def recalibrates_after(self, epoch: int, last_epoch: int) -> bool:
+        """Whether the BatchNorm statistics are recomputed after `epoch` of a run ending at `last_epoch`."""
+        return self.recalibrate_bn == "epoch" or (self.recalibrate_bn == "final" and epoch == last_epoch)
 
     def with_overrides(self, **overrides: object) -> Recipe:
         """A copy with the given fields replaced; `None` values keep the recipe's own."""

@@ -49,7 +49,8 @@ def settings_from_args(framework: Framework, args: argparse.Namespace, resumed_m
     """Merge flags with the recipe, or with the checkpoint's settings when resuming. Only the
     process that `writes` the run's files checks its directory (the others would find the files
     it has just begun to write)."""
-    overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum}
+    overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum,
+                 "recalibrate_bn": args.recalibrate_bn}
     common = {"test_batch_size": args.test_batch_size, "dry_run": args.dry_run, "validation": args.validation,
               "device": args.device, "ops": args.ops,
               "threads": args.threads, "devices": args.devices, "save_model": args.save_model,

@@ -25,6 +25,7 @@ from jax_impl.compile_clock import compile_seconds
 from jax_impl.devices import data_mesh, describe, limit_threads, put_replicated, replicated, select_devices, split_along
 from jax_impl.ops import layers_for, resolve_ops
 from jax_impl.optim import learning_rate_schedule
+from jax_impl.recalibration import batch_statistics, recalibrated_batch_stats, statistics_model
 from jax_impl.training import (
     Metrics,
     create_seed_states,
@@ -74,6 +75,8 @@ class JaxSeedGroup:
                             donate_argnums=0, out_shardings=whole)
         self.evaluate = jax.jit(over_seeds(functools.partial(eval_step, self.state.apply_fn), (0, None), vectorised),
                                 out_shardings=whole)
+        statistics = functools.partial(batch_statistics, statistics_model(layers_for(self.ops)))
+        self.statistics = jax.jit(over_seeds(statistics, (0, None), vectorised), out_shardings=whole)
         self.resident = data.resident_data(whole)
 
     def describe(self) -> dict[str, Any]:
@@ -104,6 +107,11 @@ class JaxSeedGroup:
             self.state, metrics = self.scan(self.state, self.keys, device_images, device_labels, *draws,
                                             crop_size=plans[0].crop_size)
             report(count, metrics)
+
+    def recalibrate_batchnorm(self, images: np.ndarray, batch_size: int) -> None:
+        batch_stats = recalibrated_batch_stats(self.statistics, variables_of(self.state), images, batch_size,
+                                               split_along(self.mesh, 0))
+        self.state = self.state.replace(batch_stats=batch_stats)
 
     def predict(self, images: np.ndarray, batch_size: int) -> list[np.ndarray]:
         return list(predict(self.evaluate, variables_of(self.state), images, batch_size, split_along(self.mesh, 0),

@@ -17,7 +17,7 @@ from common.framework import Framework
 from common.mnist import DEFAULT_DATA_DIR
 from jax_impl.checkpoints import read_checkpoint, read_weights
 from jax_impl.devices import join_processes, launch_processes
-from jax_impl.evaluate import predict_with_weights
+from jax_impl.evaluate import predict_with_weights, recalibrate_weights
 from jax_impl.seed_group import JaxSeedGroup
 
 FRAMEWORK = Framework(
@@ -30,6 +30,7 @@ FRAMEWORK = Framework(
     read_checkpoint=read_checkpoint,
     read_weights=read_weights,
     predict=predict_with_weights,
+    recalibrate=recalibrate_weights,
     join_processes=join_processes,
     launch_processes=launch_processes,
 )

@@ -21,6 +21,7 @@ from common.progress import EpochProgress
 from torch_ref import checkpoints, data
 from torch_ref.devices import describe, limit_threads, resolve_ops, select_device
 from torch_ref.distributed import data_parallel, share_main_buffers, summed_over_processes, threads_per_process
+from torch_ref.recalibration import recalibrate_batchnorm
 from torch_ref.training import create_train_state, predict, train_epoch
 
 
@@ -64,6 +65,10 @@ class TorchSeedGroup:
             train_epoch(state, batches, report)
             if processes.count > 1:
                 share_main_buffers(state.model)
+
+    def recalibrate_batchnorm(self, images: np.ndarray, batch_size: int) -> None:
+        for state in self.states:  # every process computes it all: the statistics come out the same
+            recalibrate_batchnorm(state.model, images, batch_size, self.device)
 
     def predict(self, images: np.ndarray, batch_size: int) -> list[np.ndarray]:
         return [predict(state.model, images, batch_size, self.device) for state in self.states]

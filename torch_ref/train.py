@@ -12,7 +12,7 @@ from common.driver import main
 from common.framework import Framework
 from torch_ref.checkpoints import read_checkpoint, read_weights
 from torch_ref.distributed import join_processes, launch_processes
-from torch_ref.evaluate import predict_with_weights
+from torch_ref.evaluate import predict_with_weights, recalibrate_weights
 from torch_ref.seed_group import TorchSeedGroup
 
 FRAMEWORK = Framework(
@@ -25,6 +25,7 @@ FRAMEWORK = Framework(
     read_checkpoint=read_checkpoint,
     read_weights=read_weights,
     predict=predict_with_weights,
+    recalibrate=recalibrate_weights,
     join_processes=join_processes,
     launch_processes=launch_processes,
 )

@@ -134,10 +134,18 @@ def dropout_key_reused() -> None:
     training.jax = types.SimpleNamespace(**{**vars(jax), "random": random})
 
 
+def recalibration_with_training_momentum() -> None:
+    """BatchNorm recalibration that keeps the training momentum 0.1 (an exponential average led by
+    the last batches) instead of update_bn's equal weight for every batch (momentum None)."""
+    from jax_impl import model, recalibration
+
+    recalibration.statistics_model = lambda layers: model.Net(dropout=0.0, layers=layers)
+
+
 MUTATIONS = {function.__name__: function for function in (
     flax_batchnorm_momentum, biased_running_variance, same_padding, batchnorm_before_relu,
     channel_wise_dropout, kernel_transposed_wrong, steplr_per_step, decoupled_weight_decay,
-    log_softmax_over_batch, loss_summed_over_batch, dropout_key_reused)}
+    log_softmax_over_batch, loss_summed_over_batch, dropout_key_reused, recalibration_with_training_momentum)}
 
 
 def apply_from_environment() -> None:
