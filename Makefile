@@ -4,24 +4,33 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: setup train test lint clean
+.PHONY: setup dev-setup train test lint clean
 
+# What the trainers need; constraints.txt pins the tested versions.
 setup: $(VENV)/.installed
 
-# Recreated when the dependencies change; constraints.txt pins the tested versions.
+# Also the test tools and the tfds extra (TensorFlow's CPU build, 1.3 GB), which the tests need
+# to prove the tfds data source equal to the IDX files.
+dev-setup: $(VENV)/.installed-dev
+
+# Recreated when the dependencies change.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $@
 
 train: setup
 	$(BIN)/python -m torch_ref.train $(ARGS)
 
-test: setup
+test: dev-setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
-lint: setup
+lint: dev-setup
 	$(BIN)/ruff check .
 
 clean:
