@@ -93,8 +93,9 @@ def _optional_package(extra: str, broken_fix: str = "") -> Iterator[None]:
     try:
         yield
     except ImportError as error:
-        raise DataError(f"--data-source {extra} needs {error.name or extra}, which cannot be found ({error}). "
-                        f"Install it: {install}; or use --data-source idx, which needs no extra.") from error
+        raise DataError(f"--data-source {extra} needs the {extra} extra, and {error.name or 'a package of it'} "
+                        f"cannot be found ({error}). Install it: {install}; or use --data-source idx, which needs "
+                        "no extra.") from error
     except Exception as error:  # installed, but fails while loading: the message is all the user can act on
         raise DataError(f"--data-source {extra}: its package is installed but cannot be imported "
                         f"({type(error).__name__}: {error}). {broken_fix} Or use --data-source idx, which reads "

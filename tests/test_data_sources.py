@@ -80,7 +80,8 @@ def test_tfds_data_that_is_not_the_official_mnist_is_refused(synthetic_mnist, tm
 
 def test_missing_tfds_names_the_extra(monkeypatch, synthetic_dir):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # what `import` finds when it is not installed
-    with pytest.raises(DataError, match=r'needs tensorflow_datasets.*pip install -c constraints.txt -e "\.\[tfds\]"'):
+    with pytest.raises(DataError, match=r'needs the tfds extra, and tensorflow_datasets cannot be found.*'
+                                        r'pip install -c constraints.txt -e "\.\[tfds\]"'):
         load_source("tfds", synthetic_dir)
 
 
