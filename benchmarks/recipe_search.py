@@ -32,6 +32,7 @@ ONECYCLE = {"schedule": ONE_CYCLE, "lr": 0.1, "batch_size": 128, "dropout": 0.05
 LIGHT = {**ONECYCLE, "dropout": 0.02, "augmentation": Augmentation(crop_prob=0.1, crop_size=22, max_rotation=7.0)}
 NODROP = {**LIGHT, "lr": 0.2, "dropout": 0.0}
 LIGHTER = {**LIGHT, "augmentation": Augmentation(crop_prob=0.0, crop_size=22, max_rotation=5.0)}
+BEST = {**LIGHT, "lr": 0.2}  # light-peak0.2, the `best` recipe
 
 # name -> (what changes, in words; the fields replaced)
 CANDIDATES: dict[str, tuple[str, dict]] = {
@@ -63,6 +64,15 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
     "light-peak0.2-shift2": ("light-peak0.2 with shifts of up to 2 pixels across and down",
                              {**LIGHT, "lr": 0.2, "augmentation": Augmentation(crop_prob=0.1, crop_size=22,
                                                                                max_rotation=7.0, max_translation=2)}),
+    # Issue 17: weight averaging and BatchNorm recalibration on top of `best`. None of them changes
+    # the training trajectory, so a candidate's seed is paired with the same seed of best-again.
+    "best-again": ("light-peak0.2 again, with the code that averages, as the pairing baseline", BEST),
+    "best-ema0.999": ("best evaluated with an EMA of its weights after every step, decay 0.999",
+                      {**BEST, "average": "ema", "ema_decay": 0.999}),
+    "best-ema0.999-recal": ("best-ema0.999 with the average's BatchNorm statistics recomputed after training",
+                            {**BEST, "average": "ema", "ema_decay": 0.999, "recalibrate_bn": "final"}),
+    "best-swa8-recal": ("best evaluated with the mean of its weights after epochs 8-15 (SWA), statistics recomputed",
+                        {**BEST, "average": "swa", "swa_start": 8, "recalibrate_bn": "final"}),
 }
 
 
@@ -85,7 +95,8 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.root) / f"{args.name}-{args.framework}-seed{args.seed}"
     settings = RunSettings(recipe=recipe_for(args.name), seed=args.seed, test_batch_size=1000,
                            data_dir=resolve_data_dir(args.data_dir), data_source="idx", out=out, dry_run=False,
-                           validation=True, device="cpu", ops="auto", threads=None, devices=None, save_model=False)
+                           validation=True, device="cpu", ops="auto", threads=args.threads, devices=None,
+                           save_model=False)
     train(FRAMEWORK, [settings])
 
 
@@ -120,6 +131,7 @@ def main() -> None:
     run_parser.add_argument("--framework", choices=("jax", "torch"), default="jax")
     run_parser.add_argument("--data-dir", default=None)
     run_parser.add_argument("--root", default="runs/search")
+    run_parser.add_argument("--threads", type=int, default=None, help="CPU threads (1 to run two candidates at once)")
     report_parser = commands.add_parser("report", help="print the table of finished candidates")
     report_parser.add_argument("--root", default="runs/search")
     args = parser.parse_args()

@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable
 
 from common.mnist import DATA_DIR_ENV, DEFAULT_DATA_DIR, Mnist
-from common.recipes import DEFAULT_RECIPE, RECALIBRATIONS, RECIPES
+from common.recipes import AVERAGES, DEFAULT_RECIPE, RECALIBRATIONS, RECIPES
 from common.sources import DEFAULT_SOURCE, SOURCES, TFDS_DATA_DIR_ENV, load_source
 
 DEVICES = ("auto", "cpu", "gpu")
@@ -55,6 +55,15 @@ def build_parser(framework: str, module: str) -> argparse.ArgumentParser:
                              "off, no weight changed, every batch weighed equally (torch.optim.swa_utils.update_bn's "
                              "rule), instead of the running averages collected under dropout and augmentation "
                              "(default: the recipe's)")
+    parser.add_argument("--average", choices=AVERAGES, default=None,
+                        help="evaluate and save averaged weights (checkpoints keep the trained ones too): ema, an "
+                             "exponential moving average after every step; swa, the equal-weight mean of the weights "
+                             "at the end of each epoch from --swa-start on (torch.optim.swa_utils.AveragedModel, "
+                             "BatchNorm statistics averaged with them) (default: the recipe's)")
+    parser.add_argument("--ema-decay", type=_unit_interval, default=None, metavar="D",
+                        help="EMA decay in [0, 1): average = D * average + (1 - D) * weights (default: the recipe's)")
+    parser.add_argument("--swa-start", type=_positive_int, default=None, metavar="EPOCH",
+                        help="first epoch whose final weights join the SWA average (default: the recipe's)")
     parser.add_argument("--seeds", type=_seed_list, default=None, metavar="S,S,...",
                         help="train several seeds as one group and write a summary; each run goes to "
                              "<out>/seed<S> and follows the run of its seed alone (JAX: one compiled program over "

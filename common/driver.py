@@ -133,6 +133,8 @@ def train(framework: Framework, runs: list[RunSettings], resumed: tuple[dict, ob
         epoch_seconds = time.perf_counter() - started
         progresses[0].close()
 
+        if recipe.averages_after(epoch):
+            group.average_weights()
         recalibration_seconds = 0.0
         if recipe.recalibrates_after(epoch, epochs):
             started = time.perf_counter()

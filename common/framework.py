@@ -74,13 +74,18 @@ class SeedGroup(Protocol):
                     progresses: list[EpochProgress]) -> None:
         """Train every seed on every batch of its plan (uint8 `images`), reporting to its progress."""
 
+    def average_weights(self) -> None:
+        """Take each seed's current weights into its SWA average (the recipe's `averages_after`)."""
+
     def recalibrate_batchnorm(self, images: np.ndarray, batch_size: int) -> None:
-        """Replace each seed's BatchNorm running statistics by their recomputation over the
+        """Replace the BatchNorm running statistics each seed evaluates (its average's, if it keeps
+        one) by their recomputation over the
         normalised `images` (N, 28, 28), `batch_size` at a time, in file order: train mode, dropout
         off, no weight update, every batch's statistics weighed equally (update_bn's rule)."""
 
     def predict(self, images: np.ndarray, batch_size: int) -> list[np.ndarray]:
-        """Each seed's eval-mode log-probabilities (N, 10) float32 of normalised images (N, 28, 28)."""
+        """Each seed's eval-mode log-probabilities (N, 10) float32 of normalised images (N, 28, 28),
+        from its averaged weights where the recipe keeps an average that holds any."""
 
     def restore(self, index: int, payload: Any) -> None:
         """Seed `index` continues from a checkpoint's payload (`Framework.read_checkpoint`)."""
@@ -92,7 +97,7 @@ class SeedGroup(Protocol):
         """Seed `index`'s whole training state plus `meta` (JSON-ready), in a format safe to load."""
 
     def model_bytes(self, index: int) -> bytes:
-        """Seed `index`'s weights alone, for --save-model."""
+        """Seed `index`'s evaluated weights alone (averaged, as `predict` uses them), for --save-model."""
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ class OneCycleSchedule:
 
 SCHEDULES = {"step": StepSchedule, "onecycle": OneCycleSchedule}
 RECALIBRATIONS = ("none", "final", "epoch")
+AVERAGES = ("none", "ema", "swa")
 
 
 @dataclass(frozen=True)
@@ -77,14 +78,32 @@ class Recipe:
     # torch.optim.swa_utils.update_bn does (equal weight per batch): the running averages
     # collected under dropout and augmentation describe other activations than evaluation sees.
     recalibrate_bn: str = "none"
+    # Weights averaged during training, evaluated and saved in place of the last ones
+    # (checkpoints keep both), as torch.optim.swa_utils.AveragedModel(use_buffers=True) does:
+    # "ema" after every step with decay `ema_decay`, "swa" the equal-weight mean of the weights at
+    # the end of every epoch from `swa_start` on. BatchNorm's running statistics are averaged
+    # with the weights; recalibration, if any, then recomputes those of the average.
+    average: str = "none"
+    ema_decay: float = 0.999
+    swa_start: int = 1
 
     def __post_init__(self) -> None:
         if self.recalibrate_bn not in RECALIBRATIONS:
             raise UserFacingError(f"recalibrate_bn {self.recalibrate_bn!r}: choose one of {', '.join(RECALIBRATIONS)}")
+        if self.average not in AVERAGES:
+            raise UserFacingError(f"average {self.average!r}: choose one of {', '.join(AVERAGES)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserFacingError(f"ema_decay {self.ema_decay}: choose a decay in [0, 1), such as 0.999")
+        if self.swa_start < 1:
+            raise UserFacingError(f"swa_start {self.swa_start}: the first averaged epoch is 1 or later")
 
     def recalibrates_after(self, epoch: int, last_epoch: int) -> bool:
         """Whether the BatchNorm statistics are recomputed after `epoch` of a run ending at `last_epoch`."""
         return self.recalibrate_bn == "epoch" or (self.recalibrate_bn == "final" and epoch == last_epoch)
+
+    def averages_after(self, epoch: int) -> bool:
+        """Whether the weights at the end of `epoch` join the SWA average (EMA averages every step)."""
+        return self.average == "swa" and epoch >= self.swa_start
 
     def with_overrides(self, **overrides: object) -> Recipe:
         """A copy with the given fields replaced; `None` values keep the recipe's own."""

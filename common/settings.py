@@ -50,7 +50,8 @@ def settings_from_args(framework: Framework, args: argparse.Namespace, resumed_m
     process that `writes` the run's files checks its directory (the others would find the files
     it has just begun to write)."""
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum,
-                 "recalibrate_bn": args.recalibrate_bn}
+                 "recalibrate_bn": args.recalibrate_bn, "average": args.average, "ema_decay": args.ema_decay,
+                 "swa_start": args.swa_start}
     common = {"test_batch_size": args.test_batch_size, "dry_run": args.dry_run, "validation": args.validation,
               "device": args.device, "ops": args.ops,
               "threads": args.threads, "devices": args.devices, "save_model": args.save_model,

@@ -65,13 +65,22 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
 
 
 def read_weights(path: Path) -> dict:
-    """Variables {"params", "batch_stats"} from a training checkpoint (checkpoint.msgpack) or a
-    weights file (model.msgpack from --save-model, or a converted PyTorch model)."""
+    """Variables {"params", "batch_stats"} from a training checkpoint (checkpoint.msgpack: the
+    averaged ones, where its recipe keeps an average) or a weights file (model.msgpack from
+    --save-model, or a converted PyTorch model)."""
     payload = _load(path)
     if isinstance(payload, dict) and "meta" in payload:  # a training checkpoint: check its digest too
         checkpoint_meta(payload, path, "jax", "jax_impl", CHECKPOINT_KEYS)
     if isinstance(payload, dict) and "state" in payload:
-        payload = payload["state"]
+        payload = _evaluated_state(payload["state"])
     if not isinstance(payload, dict) or not {"params", "batch_stats"} <= set(payload):
         raise CheckpointError(f"{path} holds neither a jax_impl checkpoint nor model weights")
     return {"params": payload["params"], "batch_stats": payload["batch_stats"]}
+
+
+def _evaluated_state(state: dict) -> dict:
+    """A saved TrainState's variables as evaluation sees them (training.evaluated_variables_of)."""
+    averaged = state.get("averaged")
+    if isinstance(averaged, dict) and int(averaged.get("count", 0)) > 0:
+        return averaged["variables"]
+    return state

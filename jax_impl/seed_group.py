@@ -30,9 +30,11 @@ from jax_impl.training import (
     Metrics,
     create_seed_states,
     eval_step,
+    evaluated_variables_of,
     over_seeds,
     predict,
     scan_epoch,
+    swa_step,
     train_epoch,
     train_step,
     variables_of,
@@ -76,6 +78,7 @@ class JaxSeedGroup:
         self.evaluate = jax.jit(over_seeds(functools.partial(eval_step, self.state.apply_fn), (0, None), vectorised),
                                 out_shardings=whole)
         statistics = functools.partial(batch_statistics, statistics_model(layers_for(self.ops)))
+        self.swa = jax.jit(over_seeds(swa_step, (0,), vectorised), donate_argnums=0, out_shardings=whole)
         self.statistics = jax.jit(over_seeds(statistics, (0, None), vectorised), out_shardings=whole)
         self.resident = data.resident_data(whole)
 
@@ -108,32 +111,43 @@ class JaxSeedGroup:
                                             crop_size=plans[0].crop_size)
             report(count, metrics)
 
+    def average_weights(self) -> None:
+        self.state = self.swa(self.state)
+
     def recalibrate_batchnorm(self, images: np.ndarray, batch_size: int) -> None:
-        batch_stats = recalibrated_batch_stats(self.statistics, variables_of(self.state), images, batch_size,
-                                               split_along(self.mesh, 0))
-        self.state = self.state.replace(batch_stats=batch_stats)
+        """Recompute the statistics of the weights evaluated: the average's, once it holds any."""
+        batch_stats = recalibrated_batch_stats(self.statistics, evaluated_variables_of(self.state), images,
+                                               batch_size, split_along(self.mesh, 0))
+        averaged = self.state.averaged
+        if averaged is not None and int(jax.device_get(averaged.count)[0]) > 0:  # every seed's count is the same
+            variables = {**averaged.variables, "batch_stats": batch_stats}
+            self.state = self.state.replace(averaged=averaged.replace(variables=variables))
+        else:
+            self.state = self.state.replace(batch_stats=batch_stats)
 
     def predict(self, images: np.ndarray, batch_size: int) -> list[np.ndarray]:
-        return list(predict(self.evaluate, variables_of(self.state), images, batch_size, split_along(self.mesh, 0),
-                            seed_axis=True))
+        return list(predict(self.evaluate, evaluated_variables_of(self.state), images, batch_size,
+                            split_along(self.mesh, 0), seed_axis=True))
 
     def restore(self, index: int, payload: dict) -> None:
         """Seed `index` continues from a checkpoint's payload (see checkpoints.read_checkpoint)."""
         state = jax.device_get(self.state)
-        saved = checkpoints.restored(self._seed(index, state), payload["state"], "the checkpoint")
+        saved = dict(payload["state"])
+        saved.setdefault("averaged", None)  # written before weight averaging existed: a recipe without
+        saved = checkpoints.restored(self._seed(index, state), saved, "the checkpoint")
         state = jax.tree_util.tree_map(lambda stacked, leaf: _replaced(stacked, index, leaf), state, saved)
         self.state = put_replicated(state, replicated(self.mesh))
 
     def is_finite(self, index: int) -> bool:
-        """Whether every weight and BatchNorm statistic of seed `index` is a finite number."""
-        leaves = jax.tree_util.tree_leaves(self._seed(index, variables_of(self.state)))
+        """Whether every weight and BatchNorm statistic of seed `index`, trained and averaged, is finite."""
+        leaves = jax.tree_util.tree_leaves(self._seed(index, (variables_of(self.state), self.state.averaged)))
         return all(bool(np.isfinite(leaf).all()) for leaf in leaves)
 
     def checkpoint_bytes(self, index: int, meta: dict) -> bytes:
         return checkpoints.checkpoint_bytes(self._seed(index, self.state), meta)
 
     def model_bytes(self, index: int) -> bytes:
-        return checkpoints.model_bytes(self._seed(index, variables_of(self.state)))
+        return checkpoints.model_bytes(self._seed(index, evaluated_variables_of(self.state)))
 
     @staticmethod
     def _seed(index: int, tree: Any) -> Any:

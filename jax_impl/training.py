@@ -8,7 +8,9 @@
    `train_epoch` dispatches one compiled step per host-prepared batch (fastest on CPU, where
    XLA runs a convolution inside `lax.scan` markedly slower), and `scan_epoch` is a whole
    epoch as one `lax.scan` over device-resident uint8 data (the choice on accelerators).
-5. `eval_step` and `predict`: eval-mode log-probabilities from variables alone.
+5. `swa_step`: the weights taken into their average at the end of an epoch (an EMA is taken
+   in `train_step`); `evaluated_variables_of`: the average, where the recipe keeps one.
+6. `eval_step` and `predict`: eval-mode log-probabilities from variables alone.
 
 Nothing here reads a clock, a file or a flag: jax_impl.seed_group is the shell that compiles
 these functions, feeds them and hands their results to the driver.
@@ -29,6 +31,7 @@ from flax.training import train_state
 from common.recipes import Recipe
 from common.spec import IMAGE_SIZE, NUM_CLASSES
 from jax_impl import augment
+from jax_impl.averaging import WeightAverage, ema_update, evaluated_variables, start_average, swa_update
 from jax_impl.model import PLAIN_LAYERS, Layers, Net
 from jax_impl.optim import make_optimizer
 
@@ -36,12 +39,15 @@ Metrics = dict[str, jax.Array]  # a batch's summed loss and correct count
 
 
 class TrainState(train_state.TrainState):
-    """Flax's TrainState (step, params, optimiser state, apply_fn, tx) plus BatchNorm statistics
-    and the recipe's label smoothing, a static field (like apply_fn) so the step that reads it
-    stays a function of the state alone."""
+    """Flax's TrainState (step, params, optimiser state, apply_fn, tx) plus BatchNorm statistics,
+    the averaged weights of a recipe that keeps them (jax_impl.averaging), and two static fields
+    (like apply_fn), so that the step that reads them stays a function of the state alone: the
+    recipe's label smoothing and its EMA decay (None: no average taken at every step)."""
 
     batch_stats: Any
+    averaged: WeightAverage | None = None
     label_smoothing: float = struct.field(pytree_node=False, default=0.0)
+    ema_decay: float | None = struct.field(pytree_node=False, default=None)
 
 
 def create_train_state(
@@ -55,8 +61,10 @@ def create_train_state(
         apply_fn=model.apply,
         params=variables["params"],
         batch_stats=variables["batch_stats"],
+        averaged=start_average(variables, recipe),
         tx=make_optimizer(recipe, steps_per_epoch),
         label_smoothing=recipe.label_smoothing,
+        ema_decay=recipe.ema_decay if recipe.average == "ema" else None,
     )
 
 
@@ -111,6 +119,8 @@ def train_step(state: TrainState, batch: tuple[jax.Array, jax.Array], key: jax.A
 
     (loss, (log_probs, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    if state.ema_decay is not None:
+        state = state.replace(averaged=ema_update(state.averaged, variables_of(state), state.ema_decay))
     metrics = {"loss_sum": loss * labels.shape[0], "correct": jnp.sum(jnp.argmax(log_probs, axis=1) == labels)}
     return state, metrics
 
@@ -165,6 +175,11 @@ def scan_epoch(state: TrainState, key: jax.Array, images: jax.Array, labels: jax
     return jax.lax.scan(body, state, (order, crop, source_index))
 
 
+def swa_step(state: TrainState) -> TrainState:
+    """The state with its current weights taken into its SWA average (at the end of an epoch)."""
+    return state.replace(averaged=swa_update(state.averaged, variables_of(state)))
+
+
 def eval_step(apply_fn: Callable, variables: dict, images: jax.Array) -> jax.Array:
     """Eval-mode log-probabilities (running BatchNorm statistics, no dropout) of variables
     {"params", "batch_stats"}: no optimiser state is needed to evaluate."""
@@ -176,8 +191,13 @@ def eval_step(apply_fn: Callable, variables: dict, images: jax.Array) -> jax.Arr
 
 
 def variables_of(state: TrainState) -> dict:
-    """The weights a model needs to predict: {"params", "batch_stats"}."""
+    """The trained weights, all a model needs to predict: {"params", "batch_stats"}."""
     return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def evaluated_variables_of(state: TrainState) -> dict:
+    """The weights evaluated and saved: the average, when the recipe keeps one and it holds any."""
+    return evaluated_variables(variables_of(state), state.averaged)
 
 
 def predict(evaluate: Callable, variables: dict, images: np.ndarray, batch_size: int,

@@ -11,6 +11,7 @@ import torch
 
 from common.checkpoints import checkpoint_meta, sealed_meta, unreadable
 from common.errors import CheckpointError
+from torch_ref.averaging import averaged_state_dict
 from torch_ref.training import TrainState
 
 CHECKPOINT_KEYS = {"meta", "model", "optimizer", "scheduler", "rng"}
@@ -31,6 +32,8 @@ def checkpoint_bytes(state: TrainState, meta: dict) -> bytes:
     }
     if state.cuda_rng is not None:
         contents["cuda_rng"] = state.cuda_rng
+    if state.averaged is not None:  # the trained weights above, the averaged ones here
+        contents["averaged"] = state.averaged.state_dict()
     buffer = io.BytesIO()
     torch.save({"meta": sealed_meta(meta, contents, tensor_to_array), **contents}, buffer)
     return buffer.getvalue()
@@ -49,6 +52,8 @@ def restore(state: TrainState, payload: dict) -> None:
         state.model.load_state_dict(payload["model"])
         state.optimizer.load_state_dict(payload["optimizer"])
         state.scheduler.load_state_dict(payload["scheduler"])
+        if state.averaged is not None:
+            state.averaged.load_state_dict(payload["averaged"])
     except (RuntimeError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"the checkpoint does not fit this model and recipe: {error}") from error
     state.rng = payload["rng"]
@@ -79,12 +84,15 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
 
 
 def read_weights(path: Path) -> dict:
-    """The model's state_dict from a training checkpoint (checkpoint.pt) or a weights file
-    (model.pt from --save-model, or a converted JAX model)."""
+    """The model's state_dict from a training checkpoint (checkpoint.pt: the averaged model, where
+    its recipe keeps an average) or a weights file (model.pt from --save-model, or a converted
+    JAX model)."""
     data = _load(path)
     if isinstance(data, dict) and "meta" in data:  # a training checkpoint: check its digest too
         checkpoint_meta(data, path, "torch", "torch_ref", CHECKPOINT_KEYS, tensor_to_array)
     state_dict = data["model"] if isinstance(data, dict) and "model" in data else data
+    if isinstance(data, dict) and "averaged" in data and data["averaged"]["n_averaged"].item() > 0:
+        state_dict = averaged_state_dict(data["averaged"])
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{path} holds no PyTorch state_dict")
     return state_dict

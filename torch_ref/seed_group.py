@@ -19,6 +19,7 @@ from common.batching import EpochPlan, check_even_shards
 from common.framework import TrainerConfig
 from common.progress import EpochProgress
 from torch_ref import checkpoints, data
+from torch_ref.averaging import evaluated_model
 from torch_ref.devices import describe, limit_threads, resolve_ops, select_device
 from torch_ref.distributed import data_parallel, share_main_buffers, summed_over_processes, threads_per_process
 from torch_ref.recalibration import recalibrate_batchnorm
@@ -65,24 +66,35 @@ class TorchSeedGroup:
             train_epoch(state, batches, report)
             if processes.count > 1:
                 share_main_buffers(state.model)
+                if state.averaged is not None:
+                    share_main_buffers(state.averaged)
+
+    def average_weights(self) -> None:
+        for state in self.states:
+            state.averaged.update_parameters(state.model)
 
     def recalibrate_batchnorm(self, images: np.ndarray, batch_size: int) -> None:
+        """Recompute the statistics of the model evaluated: the average, once it holds any."""
         for state in self.states:  # every process computes it all: the statistics come out the same
-            recalibrate_batchnorm(state.model, images, batch_size, self.device)
+            recalibrate_batchnorm(evaluated_model(state.model, state.averaged), images, batch_size, self.device)
 
     def predict(self, images: np.ndarray, batch_size: int) -> list[np.ndarray]:
-        return [predict(state.model, images, batch_size, self.device) for state in self.states]
+        return [predict(evaluated_model(state.model, state.averaged), images, batch_size, self.device)
+                for state in self.states]
 
     def restore(self, index: int, payload: dict) -> None:
         checkpoints.restore(self.states[index], payload)
 
     def is_finite(self, index: int) -> bool:
-        """Whether every weight and BatchNorm statistic of seed `index` is a finite number."""
-        return all(torch.isfinite(value).all() for value in self.states[index].model.state_dict().values()
+        """Whether every weight and BatchNorm statistic of seed `index`, trained and averaged, is finite."""
+        state = self.states[index]
+        models = [state.model] if state.averaged is None else [state.model, state.averaged]
+        return all(torch.isfinite(value).all() for model in models for value in model.state_dict().values()
                    if value.is_floating_point())
 
     def checkpoint_bytes(self, index: int, meta: dict) -> bytes:
         return checkpoints.checkpoint_bytes(self.states[index], meta)
 
     def model_bytes(self, index: int) -> bytes:
-        return checkpoints.model_bytes(self.states[index].model)
+        state = self.states[index]
+        return checkpoints.model_bytes(evaluated_model(state.model, state.averaged))

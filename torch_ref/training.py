@@ -1,8 +1,8 @@
 """PyTorch training the plain PyTorch way, in the functions of jax_impl.training; read top to bottom.
 
 1. `create_train_state`: the model, `torch.optim.SGD` and its scheduler for one seed.
-2. `train_step`: zero_grad, forward, loss, backward, optimizer.step(): the state is changed
-   in place, where JAX returns a new one.
+2. `train_step`: zero_grad, forward, loss, backward, optimizer.step() (and an EMA's
+   update_parameters): the state is changed in place, where JAX returns a new one.
 3. `train_epoch`: every batch of one seed's epoch, in that seed's own random stream.
 4. `eval_step` and `predict`: eval-mode log-probabilities under `torch.inference_mode`.
 
@@ -20,8 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel
 
 from common.recipes import Recipe
+from torch_ref.averaging import averaged_model
 from torch_ref.data import to_tensor
 from torch_ref.model import Net
 from torch_ref.optim import make_optimizer, make_scheduler
@@ -39,6 +41,8 @@ class TrainState:
     step_per_batch: bool  # OneCycleLR steps after every batch, StepLR after every epoch
     rng: torch.Tensor  # torch.get_rng_state() of this seed
     cuda_rng: torch.Tensor | None = None  # and of its CUDA generator, on a GPU
+    averaged: AveragedModel | None = None  # the recipe's weight average (torch_ref.averaging), if any
+    average_every_step: bool = False  # EMA: update `averaged` after every optimiser step
 
 
 def create_train_state(seed: int, recipe: Recipe, steps_per_epoch: int, device: torch.device,
@@ -53,7 +57,7 @@ def create_train_state(seed: int, recipe: Recipe, steps_per_epoch: int, device: 
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     scheduler = make_scheduler(optimizer, recipe, steps_per_epoch)
     return TrainState(model, model, optimizer, scheduler, recipe.label_smoothing, recipe.schedule.per_step,
-                      torch.get_rng_state(), cuda_rng)
+                      torch.get_rng_state(), cuda_rng, averaged_model(model, recipe), recipe.average == "ema")
 
 
 def training_loss(log_probs: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -76,6 +80,8 @@ def train_step(state: TrainState, batch: tuple[torch.Tensor, torch.Tensor]) -> t
     state.optimizer.step()
     if state.step_per_batch:
         state.scheduler.step()
+    if state.average_every_step:
+        state.averaged.update_parameters(state.model)
     return loss.item() * len(targets), (log_probs.argmax(dim=1) == targets).sum().item()
 
 
