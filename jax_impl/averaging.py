@@ -3,13 +3,14 @@
 An average holds a copy of the variables ({"params", "batch_stats"}: BatchNorm's running
 statistics are averaged with the weights, AveragedModel's use_buffers=True) and how many
 versions it has taken in. The first version is copied; each later one moves the average
-towards it by torch.lerp with weight 1 - decay (EMA, get_ema_multi_avg_fn) or 1 / (n + 1)
-(SWA, get_swa_multi_avg_fn: the equal-weight mean of every version taken in). The lerp is
-torch's own formula, so float32 roundings match. torch_ref.averaging is the PyTorch side.
+towards it: by torch.lerp with weight 1 - decay (EMA, get_ema_multi_avg_fn; the lerp is torch's
+own formula), or by (new - average) / (n + 1) (SWA, get_swa_avg_fn: the equal-weight mean of
+every version taken in). torch_ref.averaging is the PyTorch side.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -41,22 +42,24 @@ def lerp(start: jax.Array, end: jax.Array, weight: jax.Array) -> jax.Array:
     return jnp.where(weight < 0.5, start + weight * difference, end - difference * (1 - weight))
 
 
-def updated_average(average: WeightAverage, variables: dict, weight: jax.Array) -> WeightAverage:
-    """`average` having taken in `variables` with lerp `weight`; the first version is copied."""
+def updated_average(average: WeightAverage, variables: dict, rule: Callable) -> WeightAverage:
+    """`average` having taken in `variables` by `rule(averaged, new)`; the first version is copied."""
     def update(averaged: jax.Array, new: jax.Array) -> jax.Array:
-        return jnp.where(average.count == 0, new, lerp(averaged, new, weight.astype(new.dtype)))
+        return jnp.where(average.count == 0, new, rule(averaged, new))
 
     return WeightAverage(average.count + 1, jax.tree_util.tree_map(update, average.variables, variables))
 
 
 def ema_update(average: WeightAverage, variables: dict, decay: float) -> WeightAverage:
     """One exponential-moving-average step: average = decay * average + (1 - decay) * variables."""
-    return updated_average(average, variables, jnp.asarray(1 - decay))
+    return updated_average(average, variables, lambda averaged, new: lerp(averaged, new, jnp.asarray(1 - decay,
+                                                                                                      new.dtype)))
 
 
 def swa_update(average: WeightAverage, variables: dict) -> WeightAverage:
     """One stochastic-weight-averaging step: the mean of the n versions so far and this one."""
-    return updated_average(average, variables, 1 / (average.count + 1))
+    count = average.count + 1
+    return updated_average(average, variables, lambda averaged, new: averaged + (new - averaged) / count)
 
 
 def evaluated_variables(variables: dict, average: WeightAverage | None) -> dict:

@@ -2,15 +2,17 @@
 
 AveragedModel keeps a copy of the model and how many versions of its weights it has taken in
 (n_averaged): the first is copied, later ones are averaged in by `get_ema_multi_avg_fn(decay)`
-(after every step) or `get_swa_multi_avg_fn()` (the equal-weight mean, here of the weights at
-the end of each epoch from the recipe's swa_start on). use_buffers=True averages BatchNorm's
-running statistics with the weights. jax_impl.averaging is the same rule in JAX.
+(after every step) or `get_swa_avg_fn()` (the equal-weight mean, here of the weights at the end
+of each epoch from the recipe's swa_start on). use_buffers=True averages BatchNorm's running
+statistics with the weights. SWA takes the one-tensor-at-a-time `get_swa_avg_fn`, because
+`get_swa_multi_avg_fn` fails on the integer num_batches_tracked buffers (torch 2.13: "Integer
+division with addcdiv is no longer supported"). jax_impl.averaging is the same rule in JAX.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_avg_fn
 
 from common.recipes import Recipe
 
@@ -19,8 +21,9 @@ def averaged_model(model: torch.nn.Module, recipe: Recipe) -> AveragedModel | No
     """The recipe's average of `model`, holding no version yet; None when the recipe keeps none."""
     if recipe.average == "none":
         return None
-    rule = get_ema_multi_avg_fn(recipe.ema_decay) if recipe.average == "ema" else get_swa_multi_avg_fn()
-    return AveragedModel(model, multi_avg_fn=rule, use_buffers=True)
+    if recipe.average == "ema":
+        return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema_decay), use_buffers=True)
+    return AveragedModel(model, avg_fn=get_swa_avg_fn(), use_buffers=True)
 
 
 def evaluated_model(model: torch.nn.Module, averaged: AveragedModel | None) -> torch.nn.Module:
