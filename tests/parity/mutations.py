@@ -142,10 +142,23 @@ def recalibration_with_training_momentum() -> None:
     recalibration.statistics_model = lambda layers: model.Net(dropout=0.0, layers=layers)
 
 
+def ema_decay_as_one_minus_decay() -> None:
+    """The EMA decay applied to the new weights instead of the average: average = (1 - decay) *
+    average + decay * weights, an average that forgets almost at once."""
+    from jax_impl import averaging, training
+
+    def ema_update(average, variables, decay):
+        return averaging.updated_average(average, variables,
+                                         lambda averaged, new: averaging.lerp(averaged, new, decay))
+
+    averaging.ema_update = training.ema_update = ema_update
+
+
 MUTATIONS = {function.__name__: function for function in (
     flax_batchnorm_momentum, biased_running_variance, same_padding, batchnorm_before_relu,
     channel_wise_dropout, kernel_transposed_wrong, steplr_per_step, decoupled_weight_decay,
-    log_softmax_over_batch, loss_summed_over_batch, dropout_key_reused, recalibration_with_training_momentum)}
+    log_softmax_over_batch, loss_summed_over_batch, dropout_key_reused, recalibration_with_training_momentum,
+    ema_decay_as_one_minus_decay)}
 
 
 def apply_from_environment() -> None:
