@@ -24,6 +24,8 @@ from common.metrics import read_metrics  # noqa: E402
 from common.recipes import SEED, Augmentation, OneCycleSchedule  # noqa: E402
 
 ONE_CYCLE = OneCycleSchedule(pct_start=0.3, div_factor=10.0, final_div_factor=100.0)
+# Annealing to 0.02 (peak / 10) instead of 0.0002: SWA's setting, averaging weights that still move.
+ONE_CYCLE_HIGH_TAIL = OneCycleSchedule(pct_start=0.3, div_factor=10.0, final_div_factor=1.0)
 ONE_CYCLE_SHORT_WARM_UP = OneCycleSchedule(pct_start=0.15, div_factor=10.0, final_div_factor=100.0)
 
 # Each candidate is named after the one it modifies, and written as that one's fields plus the change.
@@ -73,6 +75,12 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
                             {**BEST, "average": "ema", "ema_decay": 0.999, "recalibrate_bn": "final"}),
     "best-swa8-recal": ("best evaluated with the mean of its weights after epochs 8-15 (SWA), statistics recomputed",
                         {**BEST, "average": "swa", "swa_start": 8, "recalibrate_bn": "final"}),
+    "tail0.02-swa8-recal": ("best-swa8-recal annealing only to lr 0.02, so that the averaged weights differ more",
+                            {**BEST, "schedule": ONE_CYCLE_HIGH_TAIL, "average": "swa", "swa_start": 8,
+                             "recalibrate_bn": "final"}),
+    "tail0.02-swa11-recal": ("tail0.02-swa8-recal averaging epochs 11-15 only",
+                             {**BEST, "schedule": ONE_CYCLE_HIGH_TAIL, "average": "swa", "swa_start": 11,
+                              "recalibrate_bn": "final"}),
 }
 
 
