@@ -97,9 +97,11 @@ def test_scan_epoch_and_step_loop_train_the_same(synthetic_mnist):
     """The two epoch functions see the same batches, draws and masks. In float64 (weights and
     statistics; the inputs are exact float32 values) they differ only by the order of float
     reductions inside and outside `scan`: 1e-9 relative after 4 steps leaves room for the
-    growth of 1e-16 rounding differences through training, and catches any real difference."""
+    growth of 1e-16 rounding differences through training, and catches any real difference.
+    With an EMA (decay 0.5, so every step counts), the average taken inside the step too."""
     plan = plan_epoch(0, 1, len(synthetic_mnist.train_labels), 64, SEED.augmentation).head(64 * 3 + 40)
-    config = TrainerConfig(SEED, device="cpu", threads=None, steps_per_epoch=4, ops="fast")
+    recipe = SEED.with_overrides(average="ema", ema_decay=0.5)
+    config = TrainerConfig(recipe, device="cpu", threads=None, steps_per_epoch=4, ops="fast")
     results = []
     jax.config.update("jax_enable_x64", True)
     try:
@@ -115,8 +117,11 @@ def test_scan_epoch_and_step_loop_train_the_same(synthetic_mnist):
     assert int(loop_state.step) == int(scan_state.step) == 4
     assert scan_correct == loop_correct
     assert scan_loss == pytest.approx(loop_loss, rel=1e-9)
-    for a, b in zip(jax.tree_util.tree_leaves((loop_state.params, loop_state.batch_stats)),
-                    jax.tree_util.tree_leaves((scan_state.params, scan_state.batch_stats)), strict=True):
+    assert int(loop_state.averaged.count) == int(scan_state.averaged.count) == 4
+    def trained_and_averaged(state):
+        return jax.tree_util.tree_leaves((state.params, state.batch_stats, state.averaged.variables))
+
+    for a, b in zip(trained_and_averaged(loop_state), trained_and_averaged(scan_state), strict=True):
         assert a.dtype == jnp.float64
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
@@ -296,7 +301,7 @@ def test_seed_group_follows_each_single_run(synthetic_mnist, vectorised):
 
 def _to_float64_state(state):
     return state.replace(params=_to_float64(state.params), batch_stats=_to_float64(state.batch_stats),
-                         opt_state=_to_float64(state.opt_state))
+                         opt_state=_to_float64(state.opt_state), averaged=_to_float64(state.averaged))
 
 
 def test_seeds_flag_writes_one_run_per_seed_and_a_summary(tmp_path, synthetic_dir):
