@@ -50,5 +50,5 @@ def test_best_recipe_keeps_the_model_and_is_the_default():
 
 
 def test_unknown_recipe_lists_known_ones():
-    with pytest.raises(UserFacingError, match="choose one of: best, seed"):
+    with pytest.raises(UserFacingError, match="choose one of: best, best-swa, seed"):
         get_recipe("nope")
