@@ -184,7 +184,7 @@ def test_bad_flags_are_rejected_by_the_parser(flags, message, capsys):
 def test_help_explains_every_flag():
     parser = build_parser("PyTorch", "torch_ref.train")
     expected = {"--recipe", "--epochs", "--batch-size", "--test-batch-size", "--lr", "--momentum", "--recalibrate-bn",
-                "--seed",
+                "--average", "--ema-decay", "--swa-start", "--seed",
                 "--data-dir", "--data-source", "--out", "--dry-run", "--device", "--ops", "--devices", "--threads",
                 "--save-model", "--resume", "--seeds", "--validation"}
     options = {a.option_strings[-1]: a for a in parser._actions if a.option_strings and a.dest != "help"}
