@@ -26,6 +26,16 @@ def float64():
     jax.config.update("jax_enable_x64", False)
 
 
+@pytest.fixture(params=["float32", "float64"])
+def precision_name(request) -> str:
+    """A test run once in float32 and once in float64, with 64-bit JAX arrays enabled for the latter;
+    each module maps the name to its dtypes and tolerance."""
+    if request.param == "float64":
+        jax.config.update("jax_enable_x64", True)
+    yield request.param
+    jax.config.update("jax_enable_x64", False)
+
+
 @pytest.fixture(scope="session")
 def synthetic_images(synthetic_mnist) -> np.ndarray:
     """The first 256 synthetic training images, normalised, (N, 1, 28, 28) float32."""

@@ -38,12 +38,9 @@ STEPS, EPOCH_STEPS, BATCH = 30, 10, 64
 DECAY = 0.9  # remembers about 10 steps: far enough from the last weights that a wrong rule shows
 
 
-@pytest.fixture(params=list(PRECISIONS))
-def precision(request):
-    if request.param == "float64":
-        jax.config.update("jax_enable_x64", True)
-    yield PRECISIONS[request.param]
-    jax.config.update("jax_enable_x64", False)
+@pytest.fixture
+def precision(precision_name):
+    return PRECISIONS[precision_name]
 
 
 def recipe(kind: str):

@@ -29,12 +29,9 @@ BATCH = 96  # 640 synthetic images: six batches of 96 and a last one of 64, whic
 BATCHNORMS = [f"bn{i}" for i in range(1, 6)]
 
 
-@pytest.fixture(params=list(PRECISIONS))
-def precision(request):
-    if request.param == "float64":
-        jax.config.update("jax_enable_x64", True)
-    yield PRECISIONS[request.param]
-    jax.config.update("jax_enable_x64", False)
+@pytest.fixture
+def precision(precision_name):
+    return PRECISIONS[precision_name]
 
 
 @pytest.fixture(scope="module")
