@@ -1,0 +1,41 @@
+"""The parity suite can fail, checked in every CI run for the newest porting mistakes of
+tests.parity.mutations: each, applied in a fresh process, fails the parity test named for it
+with an assertion (a mismatch found), not with an error.
+
+`python -m tests.parity.mutations` runs the whole suite once per mistake and lists every test
+that fails (README, "Can it fail?"); that takes about an hour, so it runs by hand. Here each
+mistake runs one test that catches it, about 15 s a process: the mistakes of the latest pieces
+(recalibration, weight averaging), whose tests the hand-run table was measured on only once.
+The same tests pass without the mistake in the suite itself.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.parity.mutations import ENVIRONMENT_VARIABLE, MUTATIONS
+
+CAUGHT_BY = {
+    "recalibration_with_training_momentum":
+        "tests/parity/test_recalibration.py::test_jax_recalibration_equals_pytorchs[float64-plain]",
+    "ema_decay_as_one_minus_decay":
+        "tests/parity/test_averaging.py::test_every_update_matches_averaged_model[float64-ema]",
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(CAUGHT_BY))
+def test_the_mistake_fails_its_parity_test_with_a_mismatch(mutation):
+    assert mutation in MUTATIONS
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", CAUGHT_BY[mutation], "-q", "-p", "no:cacheprovider", "--no-header"],
+        cwd=REPO_ROOT, env={**os.environ, ENVIRONMENT_VARIABLE: mutation}, capture_output=True, text=True,
+        timeout=600,
+    )
+    summary = result.stdout.strip().splitlines()[-1]
+    assert result.returncode == 1 and summary.startswith("1 failed in"), result.stdout[-3000:]
+    assert "AssertionError" in result.stdout, result.stdout[-3000:]
