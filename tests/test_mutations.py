@@ -29,10 +29,11 @@ CAUGHT_BY = {
 
 
 @pytest.mark.parametrize("mutation", sorted(CAUGHT_BY))
-def test_the_mistake_fails_its_parity_test_with_a_mismatch(mutation):
+def test_the_mistake_fails_its_parity_test_with_a_mismatch(mutation, tmp_path):
     assert mutation in MUTATIONS
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", CAUGHT_BY[mutation], "-q", "-p", "no:cacheprovider", "--no-header"],
+        [sys.executable, "-m", "pytest", CAUGHT_BY[mutation], "-q", "-p", "no:cacheprovider", "--no-header",
+         "--basetemp", str(tmp_path / "inner")],
         cwd=REPO_ROOT, env={**os.environ, ENVIRONMENT_VARIABLE: mutation}, capture_output=True, text=True,
         timeout=600,
     )
