@@ -47,7 +47,7 @@ from common.mnist import Mnist  # noqa: E402
 from common.progress import EpochProgress  # noqa: E402
 from common.recipes import DEFAULT_RECIPE, get_recipe  # noqa: E402
 from common.spec import training_flops_per_image  # noqa: E402
-from common.system import usable_cpu_count  # noqa: E402
+from common.system import cpu_name, usable_cpu_count  # noqa: E402
 from common.transforms import normalize  # noqa: E402
 from jax_impl.compile_clock import compile_seconds  # noqa: E402
 from jax_impl.seed_group import JaxSeedGroup  # noqa: E402
@@ -278,16 +278,11 @@ def _status_mb(field_name: str) -> float:
 
 def machine() -> dict[str, object]:
     """What the numbers were measured on."""
-    cpu = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                    if line.startswith("model name")), cpu)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     import flax
     import optax
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable_cpu_count(), "gpu": gpu,
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "usable_cores": usable_cpu_count(), "gpu": gpu,
             "jax_devices": [str(d) for d in jax.devices()], "python": platform.python_version(),
             "numpy": np.__version__, "torch": torch.__version__, "jax": jax.__version__,
             "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else jax.__version__,

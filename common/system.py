@@ -8,6 +8,8 @@ every use goes through here and has an answer for them too.
 from __future__ import annotations
 
 import os
+import platform
+from pathlib import Path
 
 
 def usable_cpus() -> list[int] | None:
@@ -28,3 +30,15 @@ def pin_to_cores(count: int) -> bool:
         return False
     set_affinity(0, cpus[:count])
     return True
+
+
+def cpu_name() -> str:
+    """The processor's model name, to stand beside every time and every float32 result: both
+    depend on it (the kernels XLA and oneDNN pick differ by instruction set). Linux names it in
+    /proc/cpuinfo; elsewhere `platform.processor()` is the best the standard library offers."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"

@@ -19,6 +19,7 @@ import pytest
 
 from common.mnist import DATA_DIR_ENV, UNVERIFIED_TEST_DIR_ENV, Mnist, load_mnist
 from common.sources import TFDS_DATA_DIR_ENV
+from common.system import cpu_name, usable_cpu_count
 from tests.synthetic_mnist import write_synthetic_mnist
 
 pytest_plugins = ["tests.no_silent_skips"]
@@ -29,6 +30,11 @@ CPU_DEVICES = 4
 jax.config.update("jax_num_cpu_devices", CPU_DEVICES)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_report_header() -> str:
+    """Every run's log names its CPU: the suite's time and the float32 results both depend on it."""
+    return f"cpu: {cpu_name()}, {usable_cpu_count()} usable cores"
 
 
 @pytest.fixture(scope="session", autouse=True)
