@@ -4,8 +4,10 @@ layers (the model a porter writes), in memory, and report which parity tests cat
     python -m tests.parity.mutations [--only NAME ...]
 
 Each mistake runs the whole parity suite in a fresh process (PARITY_MUTATION=<name>, applied
-by tests/parity/conftest.py before any test module is imported) and prints a Markdown table.
-It takes about as long as the suite takes, once per mutation; run it by hand.
+by tests/parity/conftest.py before any test module is imported, and by the processes the tests
+start through tests/float64_jax_train.py) and prints a Markdown table. A mistake that only a run
+of several processes shows runs tests/test_data_parallel_jax.py instead (`SUITE_OF`). It takes
+about as long as the suite takes, once per mutation; run it by hand.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ import types
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import linen
 
 ENVIRONMENT_VARIABLE = "PARITY_MUTATION"
 SUITE = Path(__file__).resolve().parent
+# A mistake that only a run of several processes can show runs the tests that start one.
+SUITE_OF = {"batchnorm_statistics_per_process": SUITE.parent / "test_data_parallel_jax.py"}
 
 
 def _flax_namespace(**overrides) -> types.SimpleNamespace:
@@ -154,11 +159,29 @@ def ema_decay_as_one_minus_decay() -> None:
     averaging.ema_update = training.ema_update = ema_update
 
 
+def batchnorm_statistics_per_process() -> None:
+    """BatchNorm statistics of each process's part of the batch instead of the global batch's, as
+    DistributedDataParallel computes them without SyncBatchNorm. A run of one process is unchanged."""
+    from jax_impl import fast_layers, model
+
+    def per_process(module, x, scale, bias):
+        parts = x.reshape(jax.process_count(), -1, *x.shape[1:])
+        axes = tuple(range(1, parts.ndim - 1))
+        mean = parts.mean(axes, keepdims=True)
+        var = jnp.square(parts - mean).mean(axes, keepdims=True)
+        normalised = ((parts - mean) * jax.lax.rsqrt(var + module.epsilon)).reshape(x.shape)
+        channels = x.shape[-1]
+        return normalised * scale + bias, mean.reshape(-1, channels).mean(0), var.reshape(-1, channels).mean(0)
+
+    model.BatchNorm2d.normalize_with_batch_statistics = per_process
+    fast_layers.FastBatchNorm2d.normalize_with_batch_statistics = per_process
+
+
 MUTATIONS = {function.__name__: function for function in (
     flax_batchnorm_momentum, biased_running_variance, same_padding, batchnorm_before_relu,
     channel_wise_dropout, kernel_transposed_wrong, steplr_per_step, decoupled_weight_decay,
     log_softmax_over_batch, loss_summed_over_batch, dropout_key_reused, recalibration_with_training_momentum,
-    ema_decay_as_one_minus_decay)}
+    ema_decay_as_one_minus_decay, batchnorm_statistics_per_process)}
 
 
 def apply_from_environment() -> None:
@@ -173,8 +196,8 @@ def failing_tests(name: str) -> tuple[list[str], str]:
     deselected: the mistakes are a porter's, made in the plain model); (failed or erroring test
     ids, summary line)."""
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", str(SUITE), "-q", "-p", "no:cacheprovider", "-rfE", "--no-header",
-         "-k", "not fast"],
+        [sys.executable, "-m", "pytest", str(SUITE_OF.get(name, SUITE)), "-q", "-p", "no:cacheprovider", "-rfE",
+         "--no-header", "-k", "not fast"],
         env={**os.environ, ENVIRONMENT_VARIABLE: name}, capture_output=True, text=True,
     )
     failed = sorted({m.group(1).split("::", 1)[1] for m in re.finditer(r"^(?:FAILED|ERROR) (\S+)", result.stdout,
