@@ -106,3 +106,44 @@ def flax_forward(variables: dict, images_nhwc, train: bool, masks: dict | None, 
                                        rngs={"dropout": jax.random.key(0)})
             return out, updates["batch_stats"]
         return model.apply(variables, images_nhwc, train=False), None
+
+
+class _PoolRoutedToRunnerUp(torch.nn.Module):
+    """2x2 max pooling whose gradient goes, in every window whose two largest values are within
+    `reach` of each other (but not equal), to the second largest instead of the largest."""
+
+    def __init__(self, reach: float):
+        super().__init__()
+        self.reach = reach
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        windows = x.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h // 2, w // 2, 4)
+        order = torch.argsort(windows.detach(), dim=-1, stable=True)
+        ranked = torch.gather(windows.detach(), -1, order)
+        gap = ranked[..., 3] - ranked[..., 2]
+        near = (gap > 0) & (gap < self.reach * x.detach().abs().max())
+        chosen = torch.where(near, order[..., 2], windows.detach().argmax(-1))
+        return torch.gather(windows, -1, chosen[..., None])[..., 0]
+
+
+@contextlib.contextmanager
+def kinks_flipped(model: TorchNet, reach: float) -> Iterator[None]:
+    """Every kink of the forward pass within `reach` (relative to its layer's largest activation)
+    decided the other way: a ReLU input that close to 0 passes its gradient if it was negative
+    and blocks it if positive; a max-pool window whose two largest values are that close sends
+    its gradient to the other one. The worst a rounding error of that size could do to a gradient."""
+    relu = torch.nn.functional.relu
+
+    def flipped_relu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        near = (x != 0) & (x.abs() < reach * x.detach().abs().max())
+        return x * ((x > 0) ^ near).to(x.dtype)
+
+    pools = model.pool1, model.pool2
+    torch.nn.functional.relu = flipped_relu
+    model.pool1, model.pool2 = _PoolRoutedToRunnerUp(reach), _PoolRoutedToRunnerUp(reach)
+    try:
+        yield
+    finally:
+        torch.nn.functional.relu = relu
+        model.pool1, model.pool2 = pools
