@@ -230,7 +230,9 @@ def test_a_flipped_byte_in_a_checkpoint_is_detected(framework, finished_runs, sy
 @pytest.mark.parametrize("lr", ["100", "1000"])
 @FRAMEWORKS
 def test_diverging_run_saves_nothing_non_finite(framework, lr, synthetic_dir, tmp_path, capsys):
-    """The seed recipe (a constant lr) at --lr 100 and 1000. Measured: PyTorch at 100 trains
+    """The seed recipe (a constant lr) at --lr 100 and 1000, 2,500 and 25,000 times its rate: the
+    weights of conv6, which no BatchNorm follows, grow until the loss overflows. Rounding moves
+    the step at which that happens, not whether the dry run reaches it: PyTorch at 100 trains
     epoch 1 to a huge but finite test loss (saved) and is stopped after epoch 2, whose weights
     are no longer finite; the other three are stopped in or after epoch 1."""
     out = tmp_path / "run"

@@ -4,8 +4,8 @@ against jax_impl.averaging, one update at a time and after training steps.
 One update at a time: both take in the same sequence of weights and BatchNorm statistics, so
 they differ only by rounding. float64: 1e-12, a few roundings of values of order 1. float32:
 each update rounds once in each framework and torch's lerp may fuse its multiply-add where XLA
-does not (measured: 1 ulp apart); the EMA forgets old roundings and SWA's 1 / (n + 1) weights
-shrink them, so after 20 updates they stay within a few ulps: 1e-6 relative and absolute.
+does not, which changes a rounding by at most 1 ulp on any CPU; the EMA forgets old roundings
+and SWA's 1 / (n + 1) weights shrink them, so after 20 updates they stay within a few ulps: 1e-6 relative and absolute.
 
 After training steps: both frameworks train from the same weights on the same batches and
 dropout masks (tests/parity/test_trajectory.py) in float64, JAX averaging inside its compiled

@@ -20,6 +20,7 @@ from common.mnist import Mnist
 from common.progress import EpochProgress
 from common.recipes import SEED
 from common.sources import load_source
+from common.transforms import normalize
 from jax_impl import augment
 from jax_impl.seed_group import JaxSeedGroup
 from jax_impl.train import FRAMEWORK as JAX
@@ -72,7 +73,8 @@ def test_same_seed_feeds_identical_batches_to_both_trainers(source_mnist, ops):
 
 
 # Three epochs of batches of 32 on the synthetic MNIST: 60 steps, enough to classify its 160
-# test images (measured: PyTorch 95.0%; JAX 99.4% with the plain layers, 96.9% with the fast).
+# test images (PyTorch 95.0%; JAX 99.4% with the plain layers, 96.9% with the fast; the 90% bound
+# is for any CPU: docs/tolerances.md).
 TRAINING = ["--epochs", "3", "--batch-size", "32"]
 
 
@@ -84,14 +86,16 @@ def torch_checkpoint(tmp_path_factory, synthetic_dir) -> Path:
     return out / "checkpoint.pt"
 
 
-def test_trained_models_predict_the_same_in_the_other_framework(tmp_path, synthetic_dir, capsys, ops,
+def test_trained_models_predict_the_same_in_the_other_framework(tmp_path, synthetic_dir, synthetic_mnist, capsys, ops,
                                                                torch_checkpoint):
     """A model trained by either framework, converted to the other, gives the same predictions
     and the same test loss. The same float32 weights give log-probabilities that agree to ~1e-6
     relative in the two frameworks (parity suite, forward tests); a log-probability is at most
     ~20 in size here, so each image's loss term moves by well under 1e-4, and so does their
-    mean: 1e-4 absolute. A prediction could flip only where an image's two best classes are
-    within ~1e-5, which no image of a trained model is (measured: none differ). JAX trains and
+    mean: 1e-4 absolute. A prediction may differ only where an image's two best classes are
+    within twice that ~1e-5 of each other; such near-ties are rare but depend on the weights a
+    CPU's rounding trained, so the predictions are compared wherever the trained model's two best
+    log-probabilities are more than 1e-4 apart, and those must be nearly all. JAX trains and
     evaluates with the layers of `ops`; PyTorch evaluates with its counterpart (fast:
     channels_last)."""
     jax_out = tmp_path / "jax"
@@ -106,7 +110,12 @@ def test_trained_models_predict_the_same_in_the_other_framework(tmp_path, synthe
             print(f"\n{trained_by.title} model: test loss {original.loss:.6f}, {original.accuracy:.2f}% correct; "
                   f"converted to {other.title}: {ported.loss:.6f}, {ported.accuracy:.2f}%")
         assert original.accuracy >= 90  # a trained model, not a trivial one
-        np.testing.assert_array_equal(ported.predictions, original.predictions)
+        log_probs = trained_by.predict(trained_by.read_weights(checkpoint), normalize(synthetic_mnist.test_images), 100,
+                                       "cpu", ops)
+        best_two = np.sort(log_probs, axis=1)[:, -2:]
+        clear = best_two[:, 1] - best_two[:, 0] > 1e-4
+        assert clear.mean() > 0.95, f"{(~clear).sum()} near-ties"
+        np.testing.assert_array_equal(ported.predictions[clear], original.predictions[clear])
         assert ported.loss == pytest.approx(original.loss, abs=1e-4)
 
 
