@@ -5,26 +5,25 @@ Their derivatives are hand-written as tangent rules (`jax.custom_jvp`), which JA
 reverse mode, so every transformation works through them: `jax.grad`, `jax.jvp`, `jax.jacfwd`,
 Hessian-vector products, grad-of-grad.
 
-Measured on the 2-core development machine, batch 256, forward + backward:
+What each replaces, and why XLA:CPU runs the replacement faster (the timings of each are in
+docs/fast_layers.md):
 
-- 2x2 max pooling: Flax's `nn.max_pool` differentiates through XLA's select-and-scatter,
-  34 ms for the first pooling layer; a reshape-max forward whose tangent is that of each
-  window's first maximum (so its transpose places the gradient there) takes 1 ms. The gradient
-  goes to the FIRST maximum of each window in row-major order, exactly as PyTorch's max_pool2d and
-  XLA's select-and-scatter do (ties are common here: every ReLU zero becomes the same BatchNorm
-  value).
-- convolution weight gradients: XLA:CPU computes the kernel gradient of conv2 over a batch of
-  256 in 35 ms; summed over chunks of 16 images it takes 4.5 ms. The forward pass and the
-  input gradient are left to XLA. Only the order of the sum over examples changes.
-- convolution of the single-channel input (conv1): nine shifted multiply-adds fused into
-  one pass instead of XLA:CPU's convolution, several times faster (see `shifted_sum_conv`).
+- 2x2 max pooling: Flax's `nn.max_pool` differentiates through XLA's select-and-scatter, which
+  XLA:CPU runs slowly; here a reshape-max forward whose tangent is that of each
+  window's first maximum (so its transpose places the gradient there). The gradient goes to the
+  FIRST maximum of each window in row-major order, exactly as PyTorch's max_pool2d and XLA's
+  select-and-scatter do (ties are common here: every ReLU zero becomes the same BatchNorm value).
+- convolution weight gradients: XLA:CPU computes a kernel gradient over the whole batch as one
+  convolution, slowly; summed over chunks of images it is several times faster. The forward
+  pass and the input gradient are left to XLA. Only the order of the sum over examples changes.
+- convolution of the single-channel input (conv1): nine shifted multiply-adds fused into one
+  pass instead of XLA:CPU's convolution, several times faster (see `shifted_sum_conv`).
 - dropout masks: jax.random's Threefry runs its 20 rounds in a rolled loop on CPU, which XLA
-  cannot fuse: 6.2 ms for the first dropout layer's mask and multiply. The same Threefry-2x32
-  hash written out in `threefry2x32` fuses with the comparison and the multiply: 1.7 ms.
+  cannot fuse. The same Threefry-2x32 hash written out in `threefry2x32` fuses with the
+  comparison and the multiply.
 - BatchNorm in training mode: the closed-form tangent, whose transpose is the closed-form
   gradient (two reductions and one elementwise pass), instead of differentiating the forward
-  computation, which XLA turns into several more
-  passes over the activations: 14.6 ms -> 5.4 ms for ReLU + BatchNorm of conv2's output.
+  computation, which XLA turns into several more passes over the activations.
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ def conv_valid(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
     return lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_DIMENSIONS, precision=precision)
 
 
-# Chunk size for the weight gradients on CPU: 16 and 32 measured equally fast, 4 markedly slower.
+# Chunk size for the weight gradients on CPU, the fastest of the sizes tried (docs/fast_layers.md).
 CPU_WEIGHT_GRAD_CHUNK = 16
 
 

@@ -2,7 +2,7 @@
 
 - plain: jax_impl.model's idiomatic Flax layers (PLAIN_LAYERS), differentiable in every mode.
 - fast: jax_impl.fast_layers (FAST_LAYERS), the same maths computed the way XLA:CPU runs
-  fastest (measured in README "Speed"); reverse-mode differentiation only.
+  fastest (docs/fast_layers.md); reverse-mode differentiation only.
 - auto: fast on CPU, where it was measured faster; plain on GPUs and TPUs, where the fast
   layers were never measured and XLA's own kernels are the safe choice.
 

@@ -27,9 +27,9 @@ def select_device(choice: str) -> torch.device:
 def resolve_ops(choice: str) -> str:
     """--ops for PyTorch. fast is PyTorch's own tuning, the channels_last memory format (NHWC
     activations and weights, same maths). auto is plain (NCHW) on every device: channels_last
-    was measured faster than NCHW on one 2-core CPU (AMD EPYC: 1.13x at batch 128, 1.38x at 512)
-    and slower on another (Intel Xeon: 0.87x to 0.91x), and never on a GPU, so no default is
-    right for every machine; `python benchmarks/compare.py` shows which wins on yours."""
+    wins on some CPUs and loses on others, and was never measured on a GPU (docs/fast_layers.md),
+    so no default is right for every machine; `python benchmarks/compare.py` shows which wins on
+    yours."""
     return "plain" if choice == "auto" else choice
 
 
