@@ -55,7 +55,7 @@ from jax_impl.train import enable_compilation_cache  # noqa: E402
 from torch_ref.seed_group import TorchSeedGroup  # noqa: E402
 
 BASELINE = "PyTorch eager"
-GROUP_SEEDS = 5  # as the README's final table: --seeds 0,1,2,3,4
+GROUP_SEEDS = 5  # as the results' final table (docs/results.md): --seeds 0,1,2,3,4
 
 
 @dataclass

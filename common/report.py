@@ -1,4 +1,4 @@
-"""Markdown tables of finished runs, for the README and issue reports.
+"""Markdown tables of finished runs, for docs/results.md and issue reports.
 
     python -m common.report RUN_DIR [RUN_DIR ...]
 

@@ -44,7 +44,7 @@ EPOCH_KINDS = ("loop", "scan")  # training.train_epoch, training.scan_epoch
 
 
 def default_epoch(platform: str) -> str:
-    """The step loop on CPU, one scan per epoch on accelerators (measurements in the README)."""
+    """The step loop on CPU, one scan per epoch on accelerators (measurements in docs/speed.md)."""
     return "loop" if platform == "cpu" else "scan"
 
 
@@ -133,7 +133,7 @@ class JaxSeedGroup:
         """Seed `index` continues from a checkpoint's payload (see checkpoints.read_checkpoint)."""
         state = jax.device_get(self.state)
         saved = dict(payload["state"])
-        saved.setdefault("averaged", None)  # written before weight averaging existed: it kept no average
+        saved.setdefault("averaged", None)  # a checkpoint without the field keeps no average
         saved = checkpoints.restored(self._seed(index, state), saved, "the checkpoint")
         state = jax.tree_util.tree_map(lambda stacked, leaf: _replaced(stacked, index, leaf), state, saved)
         self.state = put_replicated(state, replicated(self.mesh))

@@ -3,7 +3,7 @@ tests.parity.mutations: each, applied in a fresh process, fails the parity test 
 with an assertion (a mismatch found), not with an error.
 
 `python -m tests.parity.mutations` runs the whole suite once per mistake and lists every test
-that fails (README, "Can it fail?"); that takes about an hour, so it runs by hand. Here each
+that fails (docs/parity.md, "Can it fail?"); that takes about an hour, so it runs by hand. Here each
 mistake runs one test that catches it, about 15 s a process: the mistakes of the latest pieces
 (recalibration, weight averaging), whose rows of the hand-run table were each measured once.
 The same tests pass without the mistake in the suite itself.

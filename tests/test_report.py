@@ -1,4 +1,4 @@
-"""common.report: the Markdown tables and the multi-run plot quoted in the README."""
+"""common.report: the Markdown tables and the multi-run plot quoted in docs/results.md."""
 
 from __future__ import annotations
 
