@@ -49,7 +49,7 @@ from common.recipes import DEFAULT_RECIPE, get_recipe  # noqa: E402
 from common.spec import training_flops_per_image  # noqa: E402
 from common.system import cpu_name, usable_cpu_count  # noqa: E402
 from common.transforms import normalize  # noqa: E402
-from jax_impl.compile_clock import compile_seconds  # noqa: E402
+from jax_impl.fast.compile_clock import compile_seconds  # noqa: E402
 from jax_impl.seed_group import JaxSeedGroup  # noqa: E402
 from jax_impl.train import enable_compilation_cache  # noqa: E402
 from torch_ref.seed_group import TorchSeedGroup  # noqa: E402

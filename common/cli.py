@@ -90,7 +90,7 @@ def build_parser(framework: str, module: str) -> argparse.ArgumentParser:
     parser.add_argument("--ops", choices=OPS, default="auto",
                         help="how the layers are computed; same maths, same weights. plain: the model as "
                              "written (Flax's and XLA's own layers; PyTorch's default NCHW layout). fast: JAX's "
-                             "CPU-tuned layers (jax_impl/fast_layers.py), PyTorch's channels_last. auto: fast "
+                             "CPU-tuned layers (jax_impl/fast/layers.py), PyTorch's channels_last. auto: fast "
                              "where it was measured faster, i.e. JAX on CPU; plain otherwise (default: auto)")
     parser.add_argument("--devices", type=_device_count, default=None, metavar="N|all",
                         help="data-parallel training: every batch is split over N devices (or all of them) "

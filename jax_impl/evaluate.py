@@ -16,8 +16,8 @@ from common.evaluation import main
 from common.spec import IMAGE_SIZE
 from jax_impl.checkpoints import restored
 from jax_impl.devices import select_device
+from jax_impl.fast.choice import layers_for, resolve_ops
 from jax_impl.model import Layers, Net
-from jax_impl.ops import layers_for, resolve_ops
 from jax_impl.recalibration import batch_statistics, recalibrated_batch_stats, statistics_model
 from jax_impl.training import eval_step, predict
 

@@ -8,7 +8,7 @@ BatchNorm statistics (see `BatchNorm2d`) and the initial weight distribution.
 
 This is the model a porter writes, and the one JAX differentiates in every mode (`jax.grad`,
 `jax.jvp`, `jax.jacfwd`, Hessians). `Net.layers` can swap in other implementations of the
-same layers; jax_impl.fast_layers has CPU-tuned ones, chosen per run in jax_impl.ops.
+same layers; jax_impl.fast.layers has CPU-tuned ones, chosen per run in jax_impl.fast.choice.
 """
 
 from __future__ import annotations

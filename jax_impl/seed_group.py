@@ -21,9 +21,9 @@ from common.batching import EpochPlan, check_even_shards
 from common.framework import TrainerConfig
 from common.progress import EpochProgress
 from jax_impl import checkpoints, data
-from jax_impl.compile_clock import compile_seconds
 from jax_impl.devices import data_mesh, describe, limit_threads, put_replicated, replicated, select_devices, split_along
-from jax_impl.ops import layers_for, resolve_ops
+from jax_impl.fast.choice import layers_for, resolve_ops
+from jax_impl.fast.compile_clock import compile_seconds
 from jax_impl.optim import learning_rate_schedule
 from jax_impl.recalibration import batch_statistics, recalibrated_batch_stats, statistics_model
 from jax_impl.training import (

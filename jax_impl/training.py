@@ -54,7 +54,7 @@ def create_train_state(
     key: jax.Array, recipe: Recipe, steps_per_epoch: int, layers: Layers = PLAIN_LAYERS
 ) -> TrainState:
     """Fresh weights (PyTorch's initial distributions) and an empty optimiser state. `layers`
-    (see jax_impl.ops) changes how the model computes, not its weights or their initial values."""
+    (see jax_impl.fast.choice) changes how the model computes, not its weights or their initial values."""
     model = Net(dropout=recipe.dropout, layers=layers)
     variables = model.init(key, jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1), jnp.float32), train=False)
     return TrainState.create(

@@ -1,4 +1,4 @@
-"""The fast layers (jax_impl.fast_layers) compute what the plain model computes.
+"""The fast layers (jax_impl.fast.layers) compute what the plain model computes.
 
 float64 throughout, with the same injected dropout masks, so the two differ by the order of
 floating-point sums alone (a chunked kernel gradient, nine shifted products for conv1, the
@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax_impl.fast.choice import layers_for, resolve_ops
 from jax_impl.model import Net
-from jax_impl.ops import layers_for, resolve_ops
 from jax_impl.training import training_loss
 from tests.parity.helpers import DROPOUT_LAYERS, flax_masks
 

@@ -1,4 +1,4 @@
-"""jax_impl.fast_ops compute exactly what the plain Flax/XLA operations compute."""
+"""jax_impl.fast.ops compute exactly what the plain Flax/XLA operations compute."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from flax import linen as nn
 from jax import lax
 
-from jax_impl.fast_ops import conv_valid, make_chunked_weight_grad_conv, max_pool_2x2
+from jax_impl.fast.ops import conv_valid, make_chunked_weight_grad_conv, max_pool_2x2
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The fast dropout's random bits (jax_impl.fast_ops.threefry2x32 and keep_mask) against
+"""The fast dropout's random bits (jax_impl.fast.ops.threefry2x32 and keep_mask) against
 references that share no code with them: the published known-answer vectors of Threefry-2x32
 (Random123, 20 rounds), a Threefry written here with Python integers from the cipher's
 definition, and jax.random's own Threefry kernel."""
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.extend.random import threefry_2x32
 
-from jax_impl.fast_ops import keep_mask, threefry2x32
+from jax_impl.fast.ops import keep_mask, threefry2x32
 
 MASK32 = 0xFFFFFFFF
 ROTATIONS = (13, 15, 26, 6, 17, 29, 16, 24)

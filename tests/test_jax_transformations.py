@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax_impl.fast.choice import layers_for
 from jax_impl.model import Net
-from jax_impl.ops import layers_for
 from jax_impl.training import training_loss
 
 BATCH = 6

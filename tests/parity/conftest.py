@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from jax_impl.ops import layers_for
+from jax_impl.fast.choice import layers_for
 from tests.parity.mutations import apply_from_environment
 
 apply_from_environment()  # a deliberate mistake, when tests.parity.mutations runs the suite
@@ -64,7 +64,7 @@ def _highest_precision():
 
 @pytest.fixture(params=["plain", "fast"])
 def ops(request) -> str:
-    """Each test that runs the JAX model runs it with both layer implementations (jax_impl.ops)."""
+    """Each test that runs the JAX model runs it with both layer implementations (jax_impl.fast.choice)."""
     return request.param
 
 

@@ -5,7 +5,7 @@ statistics and affine parameters, are converted with `bridge.convert` (so the co
 under test everywhere the pair is used). Dropout masks are injected into both frameworks, in
 PyTorch with forward hooks and in Flax with `nn.intercept_methods`, because the two draw
 different masks from the same seed by design. The Flax model is built from the layers a test
-asks for (plain or fast, see jax_impl.ops).
+asks for (plain or fast, see jax_impl.fast.choice).
 """
 
 from __future__ import annotations

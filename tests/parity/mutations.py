@@ -39,7 +39,7 @@ def _flax_namespace(**overrides) -> types.SimpleNamespace:
 
 
 def _replace_plain_layers(**changes) -> None:
-    """Swap layers of model.PLAIN_LAYERS, which jax_impl.ops.layers_for("plain") hands out."""
+    """Swap layers of model.PLAIN_LAYERS, which jax_impl.fast.choice.layers_for("plain") hands out."""
     from jax_impl import model
 
     model.PLAIN_LAYERS = dataclasses.replace(model.PLAIN_LAYERS, **changes)
@@ -162,7 +162,8 @@ def ema_decay_as_one_minus_decay() -> None:
 def batchnorm_statistics_per_process() -> None:
     """BatchNorm statistics of each process's part of the batch instead of the global batch's, as
     DistributedDataParallel computes them without SyncBatchNorm. A run of one process is unchanged."""
-    from jax_impl import fast_layers, model
+    from jax_impl import model
+    from jax_impl.fast import layers as fast_layers
 
     def per_process(module, x, scale, bias):
         parts = x.reshape(jax.process_count(), -1, *x.shape[1:])

@@ -38,7 +38,7 @@ from common.batching import Batch, plan_epoch, train_batches
 from common.mnist import Mnist
 from common.recipes import SEED
 from jax_impl.devices import data_mesh, put_replicated, replicated, split_along
-from jax_impl.ops import layers_for
+from jax_impl.fast.choice import layers_for
 from jax_impl.training import create_train_state, train_step
 from tests.parity.helpers import dropout_masks, flax_masks, flax_variables, nchw_to_nhwc, torch_masks, torch_model
 from torch_ref.optim import make_scheduler

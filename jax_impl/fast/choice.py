@@ -1,7 +1,7 @@
 """--ops: which implementation of the layers a JAX run is built from, decided here and only here.
 
 - plain: jax_impl.model's idiomatic Flax layers (PLAIN_LAYERS), differentiable in every mode.
-- fast: jax_impl.fast_layers (FAST_LAYERS), the same maths computed the way XLA:CPU runs
+- fast: jax_impl.fast.layers (FAST_LAYERS), the same maths computed the way XLA:CPU runs
   fastest (docs/fast_layers.md); reverse-mode differentiation only.
 - auto: fast on CPU, where it was measured faster; plain on GPUs and TPUs, where the fast
   layers were never measured and XLA's own kernels are the safe choice.
@@ -13,7 +13,7 @@ different masks from the same key.
 from __future__ import annotations
 
 from jax_impl import model
-from jax_impl.fast_layers import FAST_LAYERS
+from jax_impl.fast.layers import FAST_LAYERS
 
 
 def resolve_ops(choice: str, platform: str) -> str:

@@ -1,6 +1,6 @@
-"""The model's layers rebuilt on jax_impl.fast_ops: the same maths as the plain layers of
+"""The model's layers rebuilt on jax_impl.fast.ops: the same maths as the plain layers of
 jax_impl.model, computed the way XLA:CPU runs fastest. `Net(layers=FAST_LAYERS)` uses them;
-jax_impl.ops decides when (on CPU, where they were measured faster).
+jax_impl.fast.choice decides when (on CPU, where they were measured faster).
 
 Each class overrides only the computation its plain parent delegates, so parameters, variable
 names, BatchNorm bookkeeping and the layer table are the plain model's.
@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jax_impl.fast_ops import (
+from jax_impl.fast.ops import (
     CPU_WEIGHT_GRAD_CHUNK,
     batch_norm_train,
     keep_mask,
@@ -32,7 +32,7 @@ class FastBatchNorm2d(BatchNorm2d):
 
 class FastDropout(nn.Dropout):
     """nn.Dropout's interface and semantics (drop with probability `rate`, scale the kept values
-    by 1 / (1 - rate), `broadcast_dims` shared), drawing its masks with fast_ops.keep_mask, which
+    by 1 / (1 - rate), `broadcast_dims` shared), drawing its masks with ops.keep_mask, which
     XLA fuses on CPU. Its masks differ from nn.Dropout's for the same key."""
 
     @nn.compact

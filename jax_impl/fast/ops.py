@@ -1,5 +1,5 @@
 """The model's operations expressed so that XLA:CPU runs them fast, with unchanged maths (up to
-summation order). jax_impl.fast_layers makes layers of them; jax_impl.ops decides when they run.
+summation order). jax_impl.fast.layers makes layers of them; jax_impl.fast.choice decides when they run.
 
 Their derivatives are hand-written as tangent rules (`jax.custom_jvp`), which JAX transposes for
 reverse mode, so every transformation works through them: `jax.grad`, `jax.jvp`, `jax.jacfwd`,
@@ -90,7 +90,7 @@ def make_chunked_weight_grad_conv(chunk: int) -> Callable:
         ) if not supported]
         if unsupported:
             raise NotImplementedError(
-                "the chunked-weight-gradient convolution (jax_impl.fast_ops) computes stride-1, VALID, "
+                "the chunked-weight-gradient convolution (jax_impl.fast.ops) computes stride-1, VALID, "
                 "undilated, ungrouped NHWC x HWIO convolutions only; it does not support "
                 + ", ".join(unsupported) + ". Use lax.conv_general_dilated (the plain layers) instead.")
         return chunked_weight_grad_conv(lhs, rhs, precision)
