@@ -17,10 +17,11 @@ float32 is what users see, and two parts bound it on any CPU:
   that close to its threshold may go either way in either framework, on one CPU or another.
   Each flip moves a gradient by a discrete amount, so the bound adds the largest change that
   flipping every such kink at once makes to the float64 gradient (`kinks_flipped`), computed
-  for these inputs in the test itself: ~6% for this batch, where no flip happens the two agree
-  to ~1e-4 (printed).
+  for these inputs in the test itself: ~6% for this batch. Where no kink flips, the two agree to
+  ~1e-4 (printed).
 With label smoothing the loss gains a term in every log-probability; the same bounds hold.
 """
+
 from __future__ import annotations
 
 import jax
@@ -53,6 +54,7 @@ def torch_gradients(model, images, labels, masks, label_smoothing):
     return loss.item(), {name: p.grad.detach().numpy() for name, p in model.named_parameters()}
 
 
+MODEL_SEED = 5
 FLOAT64_RELATIVE = 1e-10
 FLOAT32_ROUNDING = 2e-4  # two float32 gradients, each ~1e-4 of its norm from the float64 one
 KINK_REACH = 1e-5  # how far float32 rounding may move an activation, relative to its layer's largest
@@ -61,7 +63,7 @@ KINK_REACH = 1e-5  # how far float32 rounding may move an activation, relative t
 def kink_flip_bound(images: np.ndarray, labels: np.ndarray, masks: dict, label_smoothing: float) -> float:
     """The largest change, relative to its norm, of any parameter's float64 gradient when every
     kink within KINK_REACH is decided the other way."""
-    model = torch_model(seed=5, dtype=torch.float64)
+    model = torch_model(seed=MODEL_SEED, dtype=torch.float64)
     inputs, targets = torch.as_tensor(images, dtype=torch.float64), torch.as_tensor(labels)
     _, exact = torch_gradients(model, inputs, targets, masks, label_smoothing)
     with kinks_flipped(model, KINK_REACH):
@@ -94,7 +96,7 @@ def test_parameter_gradients_match(synthetic_images, synthetic_mnist, dtype_name
     try:
         torch_dtype, jax_dtype = {"float32": (torch.float32, jnp.float32),
                                   "float64": (torch.float64, jnp.float64)}[dtype_name]
-        model = torch_model(seed=5, dtype=torch_dtype)
+        model = torch_model(seed=MODEL_SEED, dtype=torch_dtype)
         variables = flax_variables(model, jax_dtype)
         images = synthetic_images[:64]
         labels = synthetic_mnist.train_labels[:64].astype(np.int64)
