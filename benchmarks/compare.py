@@ -222,6 +222,14 @@ def xla_flops_per_image(batch_size: int, recipe) -> float | None:
     return float(flops) / batch_size if flops else None
 
 
+def memory_probed(chosen: list[Variant], quick: bool) -> set[str]:
+    """The variants whose memory is measured, each in a fresh process of its own: every one in a
+    full run; in a quick run the first of each framework, enough to show the probe works."""
+    if not quick:
+        return {variant.name for variant in chosen}
+    return {next(v.name for v in chosen if v.framework == framework) for framework in ("torch", "jax")}
+
+
 def memory_probe(variant_name: str, batch_size: int, args: argparse.Namespace) -> dict[str, float]:
     """Peak memory of one variant, trained for a few batches in a fresh process."""
     command = [sys.executable, str(Path(__file__).resolve()), "--probe", variant_name,
@@ -407,8 +415,8 @@ def _positive_list(text: str) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run of about a minute: batch 128 only, 3 rounds, small chunks, no "
-                             "torch.compile, seed groups or scaling")
+                        help="a smoke run of about a minute: batch 128 only, 3 rounds, small chunks, the memory "
+                             "of one variant per framework, no torch.compile, seed groups or scaling")
     parser.add_argument("--train", action="store_true", help="also train both frameworks fully with --recipe")
     parser.add_argument("--batch-sizes", type=_positive_list, default=None,
                         help="comma-separated batch sizes (default: 128,512; quick 128)")
@@ -458,6 +466,7 @@ def compare(args: argparse.Namespace) -> int:
         raise UserFacingError(f"--out {out} is a file; choose a directory for the results.")
     out.mkdir(parents=True, exist_ok=True)
     chosen = variants(args.quick)
+    probed = memory_probed(chosen, args.quick)
     sgemm = sgemm_gflops()
     sgemm["peak"] = max(sgemm.values())
     flops_per_image = training_flops_per_image()
@@ -484,7 +493,7 @@ def compare(args: argparse.Namespace) -> int:
                 ratios = round_ratios(results, variant.name)
                 entry["ratio_to_pytorch_eager"] = statistics.median(ratios)
                 entry["round_ratios"] = ratios
-            if index == 0 or not args.quick:
+            if variant.name in probed and (index == 0 or not args.quick):
                 entry["memory"] = memory_probe(variant.name, batch_size, args)
             entries[variant.name] = entry
         report["throughput"][str(batch_size)] = entries

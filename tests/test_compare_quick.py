@@ -45,7 +45,10 @@ def test_quick_comparison_writes_a_complete_report(tmp_path, synthetic_dir):
                     "compile_seconds", "achieved_gflops", "percent_of_sgemm_peak", "round_seconds"} <= set(entry)
             assert ("ratio_to_pytorch_eager" in entry) == (name != "PyTorch eager")
             assert entry["train_images_per_second"] > 0 and entry["eval_images_per_second"] > 0
-            assert entry["memory"]["peak_rss_mb"] > 0
+            # --quick probes the memory of one variant per framework, each in a fresh process.
+            probed = name in {"PyTorch eager", "JAX step loop, fast layers"}
+            assert ("memory" in entry) == probed
+            assert not probed or entry["memory"]["peak_rss_mb"] > 0
             # Each JAX variant compiles (or loads from the cache) its own programs; PyTorch compiles nothing.
             assert (entry["compile_seconds"] > 0) == (entry["framework"] == "jax")
     assert report["flops"]["per_image_from_spec"] == 5_093_952
