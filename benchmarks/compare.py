@@ -38,56 +38,64 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from benchmarks import scaling  # noqa: E402
+from benchmarks.jax_trainer import JaxSeedsTrainer, JaxTrainer  # noqa: E402
+from benchmarks.torch_trainer import TorchTrainer  # noqa: E402
 from common import cli  # noqa: E402
 from common.batching import EpochPlan, plan_epoch  # noqa: E402
 from common.errors import UserFacingError  # noqa: E402
-from common.framework import SeedGroup, TrainerConfig  # noqa: E402
 from common.metrics import read_metrics  # noqa: E402
 from common.mnist import Mnist  # noqa: E402
-from common.progress import EpochProgress  # noqa: E402
-from common.recipes import DEFAULT_RECIPE, get_recipe  # noqa: E402
+from common.recipes import DEFAULT_RECIPE, Recipe, get_recipe  # noqa: E402
+from common.settings import RunSettings  # noqa: E402
 from common.spec import training_flops_per_image  # noqa: E402
 from common.system import cpu_name, usable_cpu_count  # noqa: E402
 from common.transforms import normalize  # noqa: E402
 from jax_impl.fast.compile_clock import compile_seconds  # noqa: E402
-from jax_impl.seed_group import JaxSeedGroup  # noqa: E402
 from jax_impl.train import enable_compilation_cache  # noqa: E402
-from torch_ref.seed_group import TorchSeedGroup  # noqa: E402
 
 BASELINE = "PyTorch eager"
 GROUP_SEEDS = 5  # as the results' final table (docs/results.md): --seeds 0,1,2,3,4
 
+Trainer = TorchTrainer | JaxTrainer | JaxSeedsTrainer
+# (the settings' recipe and device, the plan whose steps make an epoch, the seeds) -> a trainer
+Build = Callable[[RunSettings, EpochPlan, tuple[int, ...]], Trainer]
+
 
 @dataclass
 class Variant:
-    """One way of training: its framework, and how to build its seed group for a batch size."""
+    """One way of training: its framework, and how to build its trainer for a batch size."""
 
     name: str
     framework: str
-    build: Callable[[TrainerConfig, list[int]], SeedGroup]
+    build: Build
     # torch.compile compiles inside the first call, so its compile time is that call's overhead.
     compiles_on_first_use: bool = False
     seeds: int = 1  # seeds trained together; every seed sees the round's batches
 
 
-def torch_eager(config: TrainerConfig, seeds: list[int]) -> TorchSeedGroup:
-    return TorchSeedGroup(dataclasses.replace(config, ops="plain"), seeds)
+def torch_eager(settings: RunSettings, plan: EpochPlan, seeds: tuple[int, ...]) -> TorchTrainer:
+    return TorchTrainer(dataclasses.replace(settings, ops="plain"), plan, seeds)
 
 
-def torch_channels_last(config: TrainerConfig, seeds: list[int]) -> TorchSeedGroup:
-    return TorchSeedGroup(dataclasses.replace(config, ops="fast"), seeds)
+def torch_channels_last(settings: RunSettings, plan: EpochPlan, seeds: tuple[int, ...]) -> TorchTrainer:
+    return TorchTrainer(dataclasses.replace(settings, ops="fast"), plan, seeds)
 
 
-def torch_compiled(config: TrainerConfig, seeds: list[int]) -> TorchSeedGroup:
-    group = TorchSeedGroup(dataclasses.replace(config, ops="plain"), seeds)
-    for state in group.states:
+def torch_compiled(settings: RunSettings, plan: EpochPlan, seeds: tuple[int, ...]) -> TorchTrainer:
+    trainer = TorchTrainer(dataclasses.replace(settings, ops="plain"), plan, seeds)
+    for state in trainer.states:
         state.network = torch.compile(state.model)
-    return group
+    return trainer
 
 
-def jax_epoch(epoch: str, ops: str = "auto") -> Callable[[TrainerConfig, list[int]], JaxSeedGroup]:
-    """A JAX group with the step loop or the scan epoch; ops auto is what --ops auto picks for the device."""
-    return lambda config, seeds: JaxSeedGroup(dataclasses.replace(config, ops=ops), seeds, epoch=epoch)
+def jax_epoch(epoch: str, ops: str = "auto") -> Build:
+    """One seed with the step loop or the scan epoch; ops auto is what --ops auto picks for the device."""
+
+    def build(settings: RunSettings, plan: EpochPlan, seeds: tuple[int, ...]) -> JaxTrainer:
+        (seed,) = seeds
+        return JaxTrainer(dataclasses.replace(settings, ops=ops, seed=seed), plan, epoch_kind=epoch)
+
+    return build
 
 
 def variants(quick: bool) -> list[Variant]:
@@ -102,7 +110,7 @@ def variants(quick: bool) -> list[Variant]:
     if quick:
         return found  # seed groups compile for tens of seconds: full runs only
     return found + [Variant(f"PyTorch {GROUP_SEEDS} seeds in turn", "torch", torch_eager, seeds=GROUP_SEEDS),
-                    Variant(f"JAX {GROUP_SEEDS} seeds in one program", "jax", JaxSeedGroup, seeds=GROUP_SEEDS)]
+                    Variant(f"JAX {GROUP_SEEDS} seeds in one program", "jax", JaxSeedsTrainer, seeds=GROUP_SEEDS)]
 
 
 @dataclass
@@ -126,42 +134,37 @@ class Measured:
         return max(0.0, self.cold_seconds - statistics.median(self.seconds))
 
 
-def synchronize(group: SeedGroup) -> None:
-    """Wait for queued device work, so that the clock is read after it has finished."""
-    if isinstance(group, JaxSeedGroup):
-        jax.block_until_ready(group.state)
-    elif group.device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def train_seconds(group: SeedGroup, plan: EpochPlan, data: Mnist, seeds: int) -> float:
-    """One epoch of `plan` for every seed of the group (each seed trains on the same batches)."""
-    progress = EpochProgress(1, 1, len(plan.order), enabled=False)
+def train_seconds(trainer: Trainer, plan: EpochPlan, data: Mnist) -> float:
+    """One epoch of `plan` for every seed of the trainer (each seed trains on the same batches)."""
     started = time.perf_counter()
-    group.train_epoch([plan] * seeds, data.train_images, data.train_labels, [progress] * seeds)
-    synchronize(group)
+    trainer.train_epoch(plan, data.train_images, data.train_labels)
+    trainer.synchronize()
     return time.perf_counter() - started
 
 
+def build_trainer(variant: Variant, settings: RunSettings, plan: EpochPlan) -> Trainer:
+    """The variant's trainer of seeds 0, 1, ...; an epoch of it is as many steps as `plan` has."""
+    return variant.build(settings, plan, tuple(range(variant.seeds)))
+
+
 def measure_training(chosen: list[Variant], batch_size: int, data: Mnist, args: argparse.Namespace,
-                     recipe) -> dict[str, Measured]:
+                     recipe: Recipe) -> dict[str, Measured]:
     """Warm up every variant, then time chunks of training round-robin."""
     chunk = max(1, args.chunk_images // batch_size)
-    config = TrainerConfig(recipe.with_overrides(batch_size=batch_size), device=args.device,
-                           threads=None, steps_per_epoch=chunk)
+    settings = RunSettings(recipe.with_overrides(batch_size=batch_size), device=args.device)
     trainers, results = {}, {}
     warm_up = plan_epoch(0, 1, len(data.train_labels), batch_size, recipe.augmentation).head(chunk * batch_size)
     for variant in chosen:
         compiled_before = time_compiling(variant)
-        trainer = variant.build(config, list(range(variant.seeds)))
-        cold_seconds = train_seconds(trainer, warm_up, data, variant.seeds)
+        trainer = build_trainer(variant, settings, warm_up)
+        cold_seconds = train_seconds(trainer, warm_up, data)
         trainers[variant.name] = trainer
         results[variant.name] = Measured(cold_seconds, time_compiling(variant) - compiled_before)
     for round_index in range(args.repeats):
         plan = plan_epoch(1, round_index + 1, len(data.train_labels), batch_size, recipe.augmentation)
         plan = plan.head(chunk * batch_size)
         for variant in chosen:
-            results[variant.name].seconds.append(train_seconds(trainers[variant.name], plan, data, variant.seeds))
+            results[variant.name].seconds.append(train_seconds(trainers[variant.name], plan, data))
             results[variant.name].images = len(plan.order) * variant.seeds
     test_inputs = normalize(data.test_images[: args.eval_images])
     for variant in chosen:
@@ -208,14 +211,18 @@ def sgemm_gflops(size: int = 2048, repeats: int = 5) -> dict[str, float]:
     return rates
 
 
-def xla_flops_per_image(batch_size: int, recipe) -> float | None:
+def xla_flops_per_image(batch_size: int, recipe: Recipe) -> float | None:
     """XLA's own count of the compiled training step's FLOPs, per image (a cross-check)."""
+    from jax_impl.model import Net
+    from jax_impl.optim import learning_rate_schedule, make_optimizer
     from jax_impl.training import create_train_state, train_step
 
     # Plain layers without dropout, so that the count is the network's (random bits' integer ops would count).
-    state = create_train_state(jax.random.key(0), recipe.with_overrides(dropout=0.0), 10)
+    recipe = recipe.with_overrides(dropout=0.0)
+    tx = make_optimizer(recipe, learning_rate_schedule(recipe, 10))
+    state, key = create_train_state(Net(dropout=recipe.dropout), tx, 0, recipe)
     batch = (jax.ShapeDtypeStruct((batch_size, 28, 28, 1), np.float32), jax.ShapeDtypeStruct((batch_size,), np.int32))
-    analysis = jax.jit(train_step).lower(state, batch, jax.random.key(0)).compile().cost_analysis()
+    analysis = jax.jit(train_step).lower(state, batch, key).compile().cost_analysis()
     if isinstance(analysis, list):
         analysis = analysis[0]
     flops = (analysis or {}).get("flops")
@@ -245,18 +252,16 @@ def run_probe(args: argparse.Namespace) -> None:
     batch_size = args.batch_sizes[0]
     recipe = get_recipe(args.recipe)
     variant = next(v for v in variants(quick=False) if v.name == args.probe)
-    config = TrainerConfig(recipe.with_overrides(batch_size=batch_size), args.device, None, 3)
-    trainer = variant.build(config, list(range(variant.seeds)))
+    plan = plan_epoch(0, 1, len(data.train_labels), batch_size, recipe.augmentation).head(3 * batch_size)
+    settings = RunSettings(recipe.with_overrides(batch_size=batch_size), device=args.device)
+    trainer = build_trainer(variant, settings, plan)
     before_mb = _current_rss_mb()
     _reset_peak_rss()
-    train_seconds(trainer, plan_epoch(0, 1, len(data.train_labels), batch_size, recipe.augmentation)
-                  .head(3 * batch_size), data, variant.seeds)
+    train_seconds(trainer, plan, data)
     result = {"rss_before_training_mb": before_mb, "peak_rss_mb": _peak_rss_mb()}
-    device = getattr(trainer, "device", None)
-    if isinstance(trainer, JaxSeedGroup) and trainer.platform != "cpu":
-        result["device_peak_mb"] = trainer.devices[0].memory_stats().get("peak_bytes_in_use", 0) / 2**20
-    elif isinstance(device, torch.device) and device.type == "cuda":
-        result["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    device_peak_mb = trainer.device_peak_mb()
+    if device_peak_mb is not None:
+        result["device_peak_mb"] = device_peak_mb
     print(json.dumps(result))
 
 

@@ -90,22 +90,21 @@ def recipe_for(name: str):
 
 
 def run(args: argparse.Namespace) -> None:
-    from common.driver import train
     from common.mnist import resolve_data_dir
     from common.settings import RunSettings
 
     if args.framework == "jax":
-        from jax_impl.train import FRAMEWORK, enable_compilation_cache
+        from jax_impl.train import enable_compilation_cache, train
 
         enable_compilation_cache()
     else:
-        from torch_ref.train import FRAMEWORK
+        from torch_ref.train import train
     out = Path(args.root) / f"{args.name}-{args.framework}-seed{args.seed}"
     settings = RunSettings(recipe=recipe_for(args.name), seed=args.seed, test_batch_size=1000,
                            data_dir=resolve_data_dir(args.data_dir), data_source="idx", out=out, dry_run=False,
                            validation=True, device="cpu", ops="auto", threads=args.threads, devices=None,
                            save_model=False)
-    train(FRAMEWORK, [settings])
+    train(settings)
 
 
 def report(args: argparse.Namespace) -> None:

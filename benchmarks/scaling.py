@@ -6,9 +6,10 @@ On a CPU, 2 devices with 1 thread each against 1 device with 2 threads: JAX spli
 batch over 2 CPU devices in one process (XLA's thread pool limited to one thread per device),
 PyTorch over 2 gloo processes of one thread each (DistributedDataParallel, started by
 torch.distributed.run). On GPUs, 1 GPU against 2. Every configuration runs in a fresh process
-(the device count and the threads are fixed when a framework starts), trains with the
-trainer's own seed group and reports the median images/s of its timed rounds; compare.py
-includes the table. Speed-up = images/s on 2 / images/s on 1; efficiency = speed-up / 2.
+(the device count and the threads are fixed when a framework starts), trains as the
+trainer's own train() does (benchmarks/jax_trainer.py, benchmarks/torch_trainer.py) and
+reports the median images/s of its timed rounds; compare.py includes the table.
+Speed-up = images/s on 2 / images/s on 1; efficiency = speed-up / 2.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ sys.path.insert(0, str(REPO))
 
 from common import cli  # noqa: E402
 from common.batching import plan_epoch  # noqa: E402
-from common.framework import TrainerConfig  # noqa: E402
 from common.recipes import DEFAULT_RECIPE, get_recipe  # noqa: E402
+from common.settings import RunSettings  # noqa: E402
 from common.system import usable_cpu_count  # noqa: E402
 
 RESULT_PREFIX = "scaling-result "
@@ -80,38 +81,31 @@ def markdown(results: list[dict]) -> str:
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One configuration: the trainer's seed group, a warm-up chunk, then timed rounds."""
+    """One configuration: the trainer's state and step, a warm-up chunk, then timed rounds."""
     if args.worker == "jax":
-        from jax_impl.train import FRAMEWORK, enable_compilation_cache
+        from benchmarks.jax_trainer import JaxTrainer as Trainer
+        from jax_impl.distributed import join_processes
+        from jax_impl.train import enable_compilation_cache
 
         enable_compilation_cache()
     else:
-        from torch_ref.train import FRAMEWORK
-    processes = FRAMEWORK.join_processes(args.device, args.devices if args.devices > 1 else None)
+        from benchmarks.torch_trainer import TorchTrainer as Trainer
+        from torch_ref.distributed import join_processes
+    processes = join_processes(args.device, args.devices if args.devices > 1 else None)
     recipe = get_recipe(DEFAULT_RECIPE).with_overrides(batch_size=args.batch_size)
     data = cli.load_data(args)
     steps = max(1, args.chunk_images // args.batch_size)
-    config = TrainerConfig(recipe, args.device, None, steps_per_epoch=steps, devices=args.devices,
-                           processes=processes, epoch_images=steps * args.batch_size)
-    group = FRAMEWORK.create_seed_group(config, [0])
+    plans = [plan_epoch(0, round_index + 1, len(data.train_labels), args.batch_size, recipe.augmentation)
+             .head(steps * args.batch_size) for round_index in range(args.rounds + 1)]
+    trainer = Trainer(RunSettings(recipe, device=args.device, devices=args.devices), plans[0], processes=processes)
     seconds = []
-    for round_index in range(args.rounds + 1):  # round 0 warms up (compiles)
-        plan = plan_epoch(0, round_index + 1, len(data.train_labels), args.batch_size, recipe.augmentation)
-        plan = plan.head(steps * args.batch_size)
-        progress = _Count()
+    for plan in plans:  # round 0 warms up (compiles)
         started = time.perf_counter()
-        group.train_epoch([plan], data.train_images, data.train_labels, [progress])  # reads every step's loss
+        trainer.train_epoch(plan, data.train_images, data.train_labels)  # reads every step's loss: waits for it
         seconds.append(time.perf_counter() - started)
     if processes.is_main:
         print(RESULT_PREFIX + json.dumps({"images_per_second": steps * args.batch_size / statistics.median(seconds[1:]),
-                                          "round_seconds": seconds[1:], "describe": group.describe()}), flush=True)
-
-
-class _Count:
-    """Stands in for EpochProgress; the steps' losses are read, which waits for the device."""
-
-    def update(self, images: int, loss_sum: float, correct: int) -> None:
-        pass
+                                          "round_seconds": seconds[1:], "describe": trainer.describe()}), flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from common.mnist import DATA_DIR_ENV, DEFAULT_DATA_DIR, Mnist
 from common.recipes import AVERAGES, DEFAULT_RECIPE, RECALIBRATIONS, RECIPES
@@ -20,10 +21,26 @@ DEFAULT_TEST_BATCH_SIZE = 1000
 DRY_RUN_EPOCHS = 2
 DRY_RUN_TRAIN_BATCHES = 4
 DRY_RUN_TEST_IMAGES = 1000
+# The flags that override one field of the recipe, and those copied into the run's settings as
+# they are: common.settings reads these names from the parsed flags (a test checks every flag
+# of the parser is in one of them, or handled by name).
+RECIPE_FLAGS = ("epochs", "batch_size", "lr", "momentum", "recalibrate_bn", "average", "ema_decay", "swa_start")
+RUN_FLAGS = ("test_batch_size", "dry_run", "validation", "device", "ops", "threads", "devices", "save_model")
 
 
-def build_parser(framework: str, module: str) -> argparse.ArgumentParser:
-    """The trainer's parser; only the program name and the framework's name differ."""
+@dataclass(frozen=True)
+class FrameworkHelp:
+    """What --help says of one framework: how it trains several seeds, what --ops fast means
+    there, how it spreads a run over devices, and its --save-model file."""
+
+    seeds: str
+    fast_ops: str
+    devices: str
+    model_file: str
+
+
+def build_parser(framework: str, module: str, notes: FrameworkHelp) -> argparse.ArgumentParser:
+    """The trainer's parser; only the program's name and the framework's notes differ."""
     recipes = ", ".join(f"{name} ({recipe.epochs} epochs, batch {recipe.batch_size}, "
                         f"{'OneCycle to lr' if recipe.schedule.kind == 'onecycle' else 'StepLR from lr'} {recipe.lr}, "
                         f"dropout {recipe.dropout})"
@@ -65,10 +82,8 @@ def build_parser(framework: str, module: str) -> argparse.ArgumentParser:
     parser.add_argument("--swa-start", type=_positive_int, default=None, metavar="EPOCH",
                         help="first epoch whose final weights join the SWA average (default: the recipe's)")
     parser.add_argument("--seeds", type=_seed_list, default=None, metavar="S,S,...",
-                        help="train several seeds as one group and write a summary; each run goes to "
-                             "<out>/seed<S> and follows the run of its seed alone (JAX: one compiled program over "
-                             "the stacked training states, vmapped, or seed by seed on CPU; PyTorch: the seeds in "
-                             "turn within each epoch, each in its own random stream)")
+                        help="train several seeds and write a summary; each run goes to <out>/seed<S> and "
+                             f"follows the run of its seed alone ({notes.seeds})")
     parser.add_argument("--validation", action="store_true",
                         help="train on the first 55,000 training images and evaluate on the last 5,000 "
                              "(the last twelfth of any training set) instead of the test set (to choose "
@@ -85,27 +100,19 @@ def build_parser(framework: str, module: str) -> argparse.ArgumentParser:
                              f"{DRY_RUN_TRAIN_BATCHES} batches, tested on the first "
                              f"{DRY_RUN_TEST_IMAGES} test images")
     parser.add_argument("--device", choices=DEVICES, default="auto",
-                        help="where to train: auto picks a GPU (or TPU, in JAX) when the framework "
-                             "sees one, else the CPU (default: auto)")
+                        help="where to train: auto picks an accelerator when the framework sees one, else "
+                             "the CPU (default: auto)")
     parser.add_argument("--ops", choices=OPS, default="auto",
                         help="how the layers are computed; same maths, same weights. plain: the model as "
-                             "written (Flax's and XLA's own layers; PyTorch's default NCHW layout). fast: JAX's "
-                             "CPU-tuned layers (jax_impl/fast/layers.py), PyTorch's channels_last. auto: fast "
-                             "where it was measured faster, i.e. JAX on CPU; plain otherwise (default: auto)")
+                             f"written. fast: {notes.fast_ops} (default: auto)")
     parser.add_argument("--devices", type=_device_count, default=None, metavar="N|all",
                         help="data-parallel training: every batch is split over N devices (or all of them) "
-                             "and their gradients averaged. JAX: one process drives them all; on a CPU the "
-                             "trainer itself asks JAX for N CPU devices. PyTorch: one process per device, "
-                             "started through torch.distributed's elastic launcher (or by torchrun, whose "
-                             "process count it then follows), DistributedDataParallel over gloo (CPU) or "
-                             "nccl (CUDA). Under several processes (torchrun; jax.distributed, set up from "
-                             "$JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID) process 0 "
+                             f"and their gradients averaged. {notes.devices} Under several processes, process 0 "
                              "alone writes the run directory. Default: one device per process")
     parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                         help="CPU threads the framework may use (default: the framework's choice)")
     parser.add_argument("--save-model", action="store_true",
-                        help="also save the final weights alone (model.pt or model.msgpack) for "
-                             "evaluation or sharing")
+                        help=f"also save the final weights alone ({notes.model_file}) for evaluation or sharing")
     parser.add_argument("--resume", default=None, metavar="PATH",
                         help="continue a run from its checkpoint (a run directory or checkpoint "
                              "file), in that directory, with its recipe and seed")

@@ -1,4 +1,4 @@
-"""`python -m <framework>.evaluate WEIGHTS`: test-set loss and accuracy of saved weights.
+"""What the evaluate commands share: test-set loss and accuracy of saved weights.
 
 Reads a training checkpoint or a weights file of its framework, including one converted from
 the other framework by `python -m bridge.convert`, so either implementation can evaluate a
@@ -9,41 +9,56 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from common.cli import DEFAULT_TEST_BATCH_SIZE, DEVICES, OPS
 from common.errors import UserFacingError
-from common.framework import Framework
 from common.metrics import Evaluation, evaluate_log_probs
 from common.mnist import load_mnist
 from common.recipes import BEST
+from common.settings import FrameworkNames
 from common.transforms import normalize
 
 RECALIBRATION_BATCH_SIZE = BEST.batch_size  # the default recipe's training batch
 
 
-def evaluate_file(framework: Framework, path: Path, data_dir: str | None = None,
+@dataclass(frozen=True)
+class WeightsFunctions:
+    """A framework's three ways with a weights file: read it; (weights, normalised images, batch
+    size, --device, --ops) -> log-probabilities; and the same arguments -> the weights with their
+    BatchNorm statistics recomputed over the images (the trainers' --recalibrate-bn rule)."""
+
+    read: Callable[[Path], Any]
+    predict: Callable[[Any, np.ndarray, int, str, str], np.ndarray]
+    recalibrate: Callable[[Any, np.ndarray, int, str, str], Any]
+
+
+def evaluate_file(functions: WeightsFunctions, path: Path, data_dir: str | None = None,
                   batch_size: int = DEFAULT_TEST_BATCH_SIZE, device: str = "auto", ops: str = "auto",
                   recalibration_batch_size: int | None = None) -> Evaluation:
     """Evaluate the weights in `path` on the 10,000 MNIST test images: the model and its weights
     alone, with no optimiser, schedule or training state built. With `recalibration_batch_size`,
     their BatchNorm statistics are first recomputed over the 60,000 training images, that many
-    at a time (SeedGroup.recalibrate_batchnorm's rule)."""
-    weights = framework.read_weights(path)
+    at a time."""
+    weights = functions.read(path)
     data = load_mnist(data_dir)
     if recalibration_batch_size:
-        weights = framework.recalibrate(weights, normalize(data.train_images), recalibration_batch_size, device, ops)
-    log_probs = framework.predict(weights, normalize(data.test_images), batch_size, device, ops)
+        weights = functions.recalibrate(weights, normalize(data.train_images), recalibration_batch_size, device, ops)
+    log_probs = functions.predict(weights, normalize(data.test_images), batch_size, device, ops)
     return evaluate_log_probs(log_probs, data.test_labels)
 
 
-def main(framework: Framework, argv: list[str] | None = None) -> int:
-    """Entry point of the evaluate commands; returns the exit status."""
-    module = framework.module.replace(".train", ".evaluate")
+def main(names: FrameworkNames, module: str, functions: WeightsFunctions, argv: list[str] | None = None) -> int:
+    """Entry point of the evaluate command `module`; returns the exit status."""
     parser = argparse.ArgumentParser(
         prog=f"python -m {module}",
-        description=f"Test-set accuracy of {framework.title} weights: a {framework.checkpoint_name}, a "
-                    f"{framework.model_name} from --save-model, or one converted by python -m bridge.convert.")
+        description=f"Test-set accuracy of {names.title} weights: a {names.checkpoint_name}, a "
+                    f"{names.model_name} from --save-model, or one converted by python -m bridge.convert.")
     parser.add_argument("weights", type=Path, help="checkpoint or weights file")
     parser.add_argument("--data-dir", default=None, metavar="DIR", help="MNIST directory (as for training)")
     parser.add_argument("--test-batch-size", type=int, default=DEFAULT_TEST_BATCH_SIZE, metavar="N",
@@ -59,11 +74,11 @@ def main(framework: Framework, argv: list[str] | None = None) -> int:
     if args.recalibrate_bn is not None and args.recalibrate_bn < 1:
         parser.error(f"--recalibrate-bn {args.recalibrate_bn}: give a positive batch size")
     try:
-        result = evaluate_file(framework, args.weights, args.data_dir, args.test_batch_size, args.device, args.ops,
+        result = evaluate_file(functions, args.weights, args.data_dir, args.test_batch_size, args.device, args.ops,
                                args.recalibrate_bn)
     except UserFacingError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{args.weights} ({framework.title}): test loss {result.loss:.4f}, accuracy {result.correct}/"
+    print(f"{args.weights} ({names.title}): test loss {result.loss:.4f}, accuracy {result.correct}/"
           f"{len(result.predictions)} ({result.accuracy:.2f}%)")
     return 0

@@ -19,11 +19,10 @@ from tqdm import tqdm
 from common.batching import EpochPlan
 from common.errors import TrainingDivergedError
 from common.files import atomic_write_bytes, write_json
-from common.framework import Framework
 from common.metrics import EpochRecord, Evaluation, write_metrics
 from common.mnist import Mnist
 from common.plots import plot_curves, plot_digits
-from common.settings import RunSettings
+from common.settings import FrameworkNames, RunSettings
 
 GRID_IMAGES = 32
 
@@ -54,7 +53,7 @@ def refuse_non_finite(out: Path, epoch: int, evaluated_on: str, evaluation: Eval
 class RunLog:
     """One seed's run directory: config.json, checkpoint, metrics.jsonl, plots, model file."""
 
-    def __init__(self, framework: Framework, settings: RunSettings, facts: dict, evaluation_set: EvaluationSet):
+    def __init__(self, framework: FrameworkNames, settings: RunSettings, facts: dict, evaluation_set: EvaluationSet):
         self.framework, self.settings, self.evaluation_set = framework, settings, evaluation_set
         self.history: list[EpochRecord] = []
         settings.out.mkdir(parents=True, exist_ok=True)

@@ -9,34 +9,46 @@ import datetime
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.cli import DEFAULT_TEST_BATCH_SIZE, RECIPE_FLAGS, RUN_FLAGS
 from common.errors import CheckpointError, UserFacingError
-from common.framework import Framework
-from common.mnist import resolve_data_dir
+from common.mnist import DEFAULT_DATA_DIR, resolve_data_dir
 from common.recipes import DEFAULT_RECIPE, Recipe, get_recipe, recipe_from_dict
 from common.sources import DEFAULT_SOURCE
 
-# What any run of either framework writes into its directory: a directory holding one of these
-# belongs to a run, and only --resume may write into it again.
-RUN_ARTEFACTS = ("config.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.msgpack", "summary.json")
+# What any run writes into its directory besides its checkpoint (checkpoint.<format>): a
+# directory holding one of these belongs to a run, and only --resume may write into it again.
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json")
+CHECKPOINT_STEM = "checkpoint"
+
+
+@dataclass(frozen=True)
+class FrameworkNames:
+    """How a framework names itself and its files; each passes its own to this library."""
+
+    name: str  # "torch" or "jax": in run directory names and checkpoints
+    title: str  # "PyTorch" or "JAX": in messages
+    checkpoint_name: str  # checkpoint.<format>
+    model_name: str  # the --save-model file
 
 
 @dataclass(frozen=True)
 class RunSettings:
-    """A run's recipe and options after flags, defaults and any resumed checkpoint are merged."""
+    """A run's recipe and options after flags, defaults and any resumed checkpoint are merged:
+    everything a trainer reads. The defaults are the flags' own."""
 
     recipe: Recipe
-    seed: int
-    test_batch_size: int
-    data_dir: Path
-    data_source: str
-    out: Path
-    dry_run: bool
-    validation: bool
-    device: str
-    ops: str
-    threads: int | None
-    devices: int | str | None
-    save_model: bool
+    seed: int = 0
+    test_batch_size: int = DEFAULT_TEST_BATCH_SIZE
+    data_dir: Path = DEFAULT_DATA_DIR
+    data_source: str = DEFAULT_SOURCE
+    out: Path = Path("runs")
+    dry_run: bool = False
+    validation: bool = False
+    device: str = "auto"
+    ops: str = "auto"
+    threads: int | None = None
+    devices: int | str | None = None
+    save_model: bool = False
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -44,25 +56,24 @@ class RunSettings:
         return data
 
 
-def settings_from_args(framework: Framework, args: argparse.Namespace, resumed_meta: dict | None,
+def settings_from_args(names: FrameworkNames, args: argparse.Namespace, resumed_meta: dict | None,
                        writes: bool = True) -> RunSettings:
     """Merge flags with the recipe, or with the checkpoint's settings when resuming. Only the
     process that `writes` the run's files checks its directory (the others would find the files
     it has just begun to write)."""
-    overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum,
-                 "recalibrate_bn": args.recalibrate_bn, "average": args.average, "ema_decay": args.ema_decay,
-                 "swa_start": args.swa_start}
-    common = {"test_batch_size": args.test_batch_size, "dry_run": args.dry_run, "validation": args.validation,
-              "device": args.device, "ops": args.ops,
-              "threads": args.threads, "devices": args.devices, "save_model": args.save_model,
-              "data_dir": resolve_data_dir(args.data_dir)}
+    if args.seeds and (args.resume or args.seed is not None):
+        raise UserFacingError("--seeds trains new runs: it cannot be combined with --seed or --resume "
+                              "(resume one seed's directory on its own).")
+    overrides = {name: getattr(args, name) for name in RECIPE_FLAGS}
+    options = {name: getattr(args, name) for name in RUN_FLAGS}
+    options["data_dir"] = resolve_data_dir(args.data_dir)
     if resumed_meta is None:
         recipe = get_recipe(args.recipe or DEFAULT_RECIPE).with_overrides(**overrides)
         seed = args.seed if args.seed is not None else 0
-        out = Path(args.out) if args.out else default_out(framework.name, recipe, args.seeds or seed, args.dry_run)
+        out = Path(args.out) if args.out else default_out(names.name, recipe, args.seeds or seed, args.dry_run)
         if writes:
             refuse_to_overwrite(out)
-        return RunSettings(recipe=recipe, seed=seed, data_source=args.data_source or DEFAULT_SOURCE, out=out, **common)
+        return RunSettings(recipe=recipe, seed=seed, data_source=args.data_source or DEFAULT_SOURCE, out=out, **options)
 
     saved = resumed_meta["settings"]
     recipe = recipe_from_dict(saved["recipe"])
@@ -83,19 +94,20 @@ def settings_from_args(framework: Framework, args: argparse.Namespace, resumed_m
         was, now = ("a dry run", "without --dry-run") if saved["dry_run"] else ("a full run", "with --dry-run")
         raise UserFacingError(f"--resume: the checkpoint is from {was}, and resuming it {now} would mix "
                               "short and full epochs. Resume it as it was started, or start a new run.")
-    common["validation"] = saved["validation"]
-    run_dir = checkpoint_path(framework, args.resume).parent
+    options["validation"] = saved["validation"]
+    run_dir = checkpoint_path(names, args.resume).parent
     out = Path(args.out) if args.out else run_dir
     if writes and out.resolve() != run_dir.resolve():
         refuse_to_overwrite(out)
-    return RunSettings(recipe=recipe, seed=saved["seed"], data_source=current["data_source"], out=out, **common)
+    return RunSettings(recipe=recipe, seed=saved["seed"], data_source=current["data_source"], out=out, **options)
 
 
 def refuse_to_overwrite(out: Path) -> None:
     """Stop before a new run writes into a file or into another run's directory."""
     if out.exists() and not out.is_dir():
         raise UserFacingError(f"--out {out} is a file, not a directory; choose a directory for the run's artefacts.")
-    found = [name for name in RUN_ARTEFACTS if (out / name).exists()]
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    found += sorted(path.name for path in out.glob(f"{CHECKPOINT_STEM}.*") if path.is_file())
     if found:
         raise UserFacingError(
             f"{out} already holds a run ({', '.join(found)}); continue it with --resume {out}, or choose "
@@ -103,13 +115,13 @@ def refuse_to_overwrite(out: Path) -> None:
         )
 
 
-def checkpoint_path(framework: Framework, resume: str) -> Path:
+def checkpoint_path(names: FrameworkNames, resume: str) -> Path:
     """The checkpoint --resume names: the file itself, or the framework's checkpoint in a run directory."""
     path = Path(resume)
     if path.is_dir():
-        path = path / framework.checkpoint_name
+        path = path / names.checkpoint_name
     if not path.is_file():
-        raise CheckpointError(f"--resume {resume}: no {framework.title} checkpoint at {path}.")
+        raise CheckpointError(f"--resume {resume}: no {names.title} checkpoint at {path}.")
     return path
 
 
@@ -119,4 +131,3 @@ def default_out(framework_name: str, recipe: Recipe, seed: int | tuple[int, ...]
     suffix = "-dry-run" if dry_run else ""
     seeds = "seeds" + "-".join(map(str, seed)) if isinstance(seed, tuple) else f"seed{seed}"
     return Path("runs") / f"{framework_name}-{recipe.name}-{seeds}-{stamp}{suffix}"
-

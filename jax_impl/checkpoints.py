@@ -18,7 +18,9 @@ from flax import serialization
 
 from common.checkpoints import checkpoint_meta, sealed_meta, unreadable
 from common.errors import CheckpointError
+from common.settings import FrameworkNames
 
+NAMES = FrameworkNames(name="jax", title="JAX", checkpoint_name="checkpoint.msgpack", model_name="model.msgpack")
 CHECKPOINT_KEYS = {"meta", "state"}
 
 
@@ -33,6 +35,14 @@ def checkpoint_bytes(state: Any, meta: dict) -> bytes:
 def model_bytes(variables: dict) -> bytes:
     """Variables {"params", "batch_stats"} alone, for --save-model."""
     return serialization.msgpack_serialize(serialization.to_state_dict(jax.device_get(variables)))
+
+
+def restore(state: Any, payload: dict) -> Any:
+    """`state` (a TrainState) continued from a checkpoint's payload (`read_checkpoint`), as
+    NumPy arrays: the JAX way, a new state rather than a changed one."""
+    saved = dict(payload["state"])
+    saved.setdefault("averaged", None)  # a checkpoint without the field keeps no average
+    return restored(jax.device_get(state), saved, "the checkpoint")
 
 
 def restored(template: Any, saved: dict, what: str) -> Any:

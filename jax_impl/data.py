@@ -1,9 +1,7 @@
 """How an epoch's batches reach the device, for the two epoch functions of jax_impl.training.
 
-Every seed of a group gets its own `EpochPlan` (its shuffle and draws); the arrays here stack
-the seeds on a leading axis, so that a group of one and a group of five take the same path.
 On several devices the batch axis is split over them (`sharding`); each process passes the
-plans of its own part of every batch (`EpochPlan.shard`), which JAX assembles into the global
+plan of its own part of every batch (`EpochPlan.shard`), which JAX assembles into the global
 batch (`jax.make_array_from_process_local_data`).
 """
 
@@ -18,18 +16,15 @@ from jax.sharding import NamedSharding
 from common.batching import CopiedOnce, EpochPlan, train_batches
 
 
-def host_batches(plans: list[EpochPlan], images: np.ndarray, labels: np.ndarray,
+def host_batches(plan: EpochPlan, images: np.ndarray, labels: np.ndarray,
                  sharding: NamedSharding) -> Iterator[tuple[jax.Array, jax.Array]]:
-    """Each step's (inputs (S, B, 28, 28, 1) float32, labels (S, B) int32) for S seeds, augmented
-    and normalised on the host by the core's NumPy pipeline (for `training.train_epoch`);
-    `sharding` splits axis 1, the batch."""
-    for batches in zip(*(train_batches(plan, images, labels) for plan in plans), strict=True):
-        inputs = np.stack([batch.images[..., None] for batch in batches])
-        targets = np.stack([batch.labels.astype(np.int32) for batch in batches])
-        yield _global(inputs, sharding), _global(targets, sharding)
+    """Each step's (inputs (B, 28, 28, 1) float32, labels (B,) int32), augmented and normalised
+    on the host by the core's NumPy pipeline (for `training.train_epoch`)."""
+    for batch in train_batches(plan, images, labels):
+        yield global_array(batch.images[..., None], sharding), global_array(batch.labels.astype(np.int32), sharding)
 
 
-def _global(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
+def global_array(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """The global array of which this process holds `local`. In one process that is the whole
     array, and device_put reaches it with less work per step than
     make_array_from_process_local_data (docs/fast_layers.md)."""
@@ -38,23 +33,26 @@ def _global(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_process_local_data(sharding, local)
 
 
-def scan_blocks(plans: list[EpochPlan], sharding: NamedSharding) -> Iterator[tuple[int, list[jax.Array]]]:
-    """The epoch's draws for `training.scan_epoch`: (images of every process, [order, crop,
-    source index]), each array shaped (S seeds, steps, batch, ...), `sharding` splitting axis 2.
-    The full batches come as one block, the shorter last batch (if any) as a second, since a
-    scan needs equal shapes. The sampling coordinates are the core's (float64, on the host);
-    int16 halves the copy."""
-    draws = [(plan.order.astype(np.int32), plan.crop, plan.source_index().astype(np.int16)) for plan in plans]
-    plan = plans[0]  # all seeds share the sizes
+def scan_draws(plan: EpochPlan) -> Iterator[tuple[int, list[np.ndarray]]]:
+    """The epoch's draws for `training.scan_epoch`, on the host: (images, [order, crop, source
+    index]), each array shaped (steps, batch, ...). The full batches come as one block, the
+    shorter last batch (if any) as a second, since a scan needs equal shapes. The sampling
+    coordinates are the core's (float64); int16 halves the copy."""
+    draws = (plan.order.astype(np.int32), plan.crop, plan.source_index().astype(np.int16))
     full = len(plan.order) // plan.batch_size * plan.batch_size
     for part in (slice(0, full), slice(full, len(plan.order))):
         count = part.stop - part.start
         if count == 0:
             continue
         batch = plan.batch_size if part.start == 0 else count
-        block = [np.stack([seed[i][part].reshape(count // batch, batch, *seed[i].shape[1:]) for seed in draws])
-                 for i in range(3)]
-        yield count * jax.process_count(), [_global(array, sharding) for array in block]
+        yield count, [draw[part].reshape(count // batch, batch, *draw.shape[1:]) for draw in draws]
+
+
+def scan_blocks(plan: EpochPlan, sharding: NamedSharding) -> Iterator[tuple[int, list[jax.Array]]]:
+    """`scan_draws` on the devices, `sharding` splitting axis 1 (the batch); the images counted
+    are those of every process."""
+    for count, block in scan_draws(plan):
+        yield count * jax.process_count(), [global_array(array, sharding) for array in block]
 
 
 def resident_data(sharding: NamedSharding) -> CopiedOnce:

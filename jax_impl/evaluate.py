@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common.evaluation import main
+from common.evaluation import WeightsFunctions, main
 from common.spec import IMAGE_SIZE
-from jax_impl.checkpoints import restored
+from jax_impl.checkpoints import NAMES, read_weights, restored
 from jax_impl.devices import select_device
 from jax_impl.fast.choice import layers_for, resolve_ops
 from jax_impl.model import Layers, Net
@@ -50,7 +50,7 @@ def recalibrate_weights(variables: dict, images: np.ndarray, batch_size: int, de
     return jax.device_get({"params": variables["params"], "batch_stats": batch_stats})
 
 
-if __name__ == "__main__":
-    from jax_impl.train import FRAMEWORK
+WEIGHTS = WeightsFunctions(read=read_weights, predict=predict_with_weights, recalibrate=recalibrate_weights)
 
-    sys.exit(main(FRAMEWORK))
+if __name__ == "__main__":
+    sys.exit(main(NAMES, "jax_impl.evaluate", WEIGHTS))

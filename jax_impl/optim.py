@@ -1,6 +1,7 @@
 """The optimiser and learning-rate schedule of a recipe, in optax (torch_ref.optim: torch.optim).
 
-optax schedules are functions of the step.
+optax schedules are functions of the step: the trainer builds one per run and hands it to the
+optimiser, and reads the learning rate it shows from the same function.
 
 PyTorch steps an epoch-level scheduler once per epoch; optax asks for the learning rate of
 every optimiser step. The translation is exact when the schedule is written in steps with
@@ -54,11 +55,12 @@ def one_cycle(max_lr: float, total_steps: int, pct_start: float, div_factor: flo
     return schedule
 
 
-def make_optimizer(recipe: Recipe, steps_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(recipe: Recipe, schedule: optax.Schedule) -> optax.GradientTransformation:
     """SGD as PyTorch's torch.optim.SGD computes it: weight decay added to the gradient, then
-    momentum buffer = momentum * buffer + gradient, then parameter -= lr * buffer."""
+    momentum buffer = momentum * buffer + gradient, then parameter -= lr * buffer, with the
+    learning rate `schedule` gives each step (`learning_rate_schedule`, built once per run)."""
     sgd = optax.sgd(
-        learning_rate_schedule(recipe, steps_per_epoch),
+        schedule,
         momentum=recipe.momentum or None,
         nesterov=recipe.nesterov,
     )

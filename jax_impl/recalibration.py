@@ -13,11 +13,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 
 from jax_impl.model import Layers, Net
+from jax_impl.training import evaluated_variables_of
 
 
 def statistics_model(layers: Layers) -> Net:
@@ -43,3 +45,14 @@ def recalibrated_batch_stats(statistics: Callable[[dict, jax.Array], dict], vari
         running = batch if running is None else jax.tree_util.tree_map(
             lambda average, new, factor=factor: (1 - factor) * average + factor * new, running, batch)
     return running
+
+
+def recalibrate_batchnorm(state: Any, statistics: Callable[[dict, jax.Array], dict], images: np.ndarray,
+                          batch_size: int, placement: jax.Device | jax.sharding.Sharding) -> Any:
+    """A TrainState (training.TrainState, one seed's or stacked seeds') with the BatchNorm statistics
+    it evaluates recomputed over `images`: the average's, once it holds any, else the trained ones."""
+    batch_stats = recalibrated_batch_stats(statistics, evaluated_variables_of(state), images, batch_size, placement)
+    averaged = state.averaged
+    if averaged is not None and np.asarray(jax.device_get(averaged.count)).ravel()[0] > 0:  # the same for every seed
+        return state.replace(averaged=averaged.replace(variables={**averaged.variables, "batch_stats": batch_stats}))
+    return state.replace(batch_stats=batch_stats)

@@ -1,19 +1,17 @@
 """JAX training as pure functions, state in and state out; read it top to bottom.
 
-1. `create_train_state`: fresh weights and an empty optimiser state for one seed;
-   `create_seed_states` stacks several seeds on a leading axis (one run is a group of one).
-2. `train_step`: one SGD step of one seed, returning the new state instead of mutating it.
-3. `over_seeds`: any per-seed function applied to every seed of a stacked state.
-4. One epoch, two ways, both consuming the core's `EpochPlan` so the batches are the same:
+1. `create_train_state`: a model's fresh weights, an empty optimiser state and a seed's dropout key.
+2. `train_step`: one SGD step, returning the new state instead of mutating it.
+3. One epoch, two ways, both consuming the core's `EpochPlan` so the batches are the same:
    `train_epoch` dispatches one compiled step per host-prepared batch (fastest on CPU, where
    XLA runs a convolution inside `lax.scan` markedly slower), and `scan_epoch` is a whole
    epoch as one `lax.scan` over device-resident uint8 data (the choice on accelerators).
-5. `swa_step`: the weights taken into their average at the end of an epoch (an EMA is taken
+4. `swa_step`: the weights taken into their average at the end of an epoch (an EMA is taken
    in `train_step`); `evaluated_variables_of`: the average, where the recipe keeps one.
-6. `eval_step` and `predict`: eval-mode log-probabilities from variables alone.
+5. `eval_step` and `predict`: eval-mode log-probabilities from variables alone.
 
-Nothing here reads a clock, a file or a flag: jax_impl.seed_group is the shell that compiles
-these functions, feeds them and hands their results to the driver.
+One seed throughout. Nothing here reads a clock, a file or a flag: jax_impl.train compiles
+these functions, feeds them and records their results; jax_impl.seeds stacks several seeds.
 """
 
 from __future__ import annotations
@@ -25,6 +23,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import struct
 from flax.training import train_state
 
@@ -32,8 +31,7 @@ from common.recipes import Recipe
 from common.spec import IMAGE_SIZE, NUM_CLASSES
 from jax_impl import augment
 from jax_impl.averaging import WeightAverage, ema_update, evaluated_variables, start_average, swa_update
-from jax_impl.model import PLAIN_LAYERS, Layers, Net
-from jax_impl.optim import make_optimizer
+from jax_impl.model import Net
 
 Metrics = dict[str, jax.Array]  # a batch's summed loss and correct count
 
@@ -50,35 +48,22 @@ class TrainState(train_state.TrainState):
     ema_decay: float | None = struct.field(pytree_node=False, default=None)
 
 
-def create_train_state(
-    key: jax.Array, recipe: Recipe, steps_per_epoch: int, layers: Layers = PLAIN_LAYERS
-) -> TrainState:
-    """Fresh weights (PyTorch's initial distributions) and an empty optimiser state. `layers`
-    (see jax_impl.fast.choice) changes how the model computes, not its weights or their initial values."""
-    model = Net(dropout=recipe.dropout, layers=layers)
-    variables = model.init(key, jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1), jnp.float32), train=False)
-    return TrainState.create(
+def create_train_state(model: Net, tx: optax.GradientTransformation, seed: int,
+                       recipe: Recipe) -> tuple[TrainState, jax.Array]:
+    """`model`'s fresh weights (PyTorch's initial distributions), `tx`'s empty optimiser state,
+    and the seed's dropout key: the seed's root key splits into the two."""
+    init_key, dropout_key = jax.random.split(jax.random.key(seed))
+    variables = model.init(init_key, jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1), jnp.float32), train=False)
+    state = TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
         batch_stats=variables["batch_stats"],
         averaged=start_average(variables, recipe),
-        tx=make_optimizer(recipe, steps_per_epoch),
+        tx=tx,
         label_smoothing=recipe.label_smoothing,
         ema_decay=recipe.ema_decay if recipe.average == "ema" else None,
     )
-
-
-def create_seed_states(
-    seeds: list[int], recipe: Recipe, steps_per_epoch: int, layers: Layers = PLAIN_LAYERS
-) -> tuple[TrainState, jax.Array]:
-    """(states, dropout keys) of `seeds`, stacked on a leading axis. Seed s's root key splits
-    into its initial weights' key and its dropout key, whatever group it is trained in."""
-
-    def one_seed(key: jax.Array) -> tuple[TrainState, jax.Array]:
-        init_key, dropout_key = jax.random.split(key)
-        return create_train_state(init_key, recipe, steps_per_epoch, layers), dropout_key
-
-    return jax.vmap(one_seed)(jnp.stack([jax.random.key(seed) for seed in seeds]))
+    return state, dropout_key
 
 
 def training_loss(log_probs: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
@@ -125,34 +110,14 @@ def train_step(state: TrainState, batch: tuple[jax.Array, jax.Array], key: jax.A
     return state, metrics
 
 
-def over_seeds(function: Callable, in_axes: tuple[int | None, ...], vectorised: bool) -> Callable:
-    """`function` of one seed applied to arguments stacked on a leading seed axis (in_axes 0)
-    or shared by all seeds (None). Vectorised: `jax.vmap`, one batched computation. Otherwise
-    seed after seed in the same compiled program: XLA turns a vmapped convolution (a batch of
-    kernels) into a grouped convolution, which its CPU backend runs far slower per seed than the
-    plain one (docs/fast_layers.md). `jax.lax.map` is not used for the
-    seed-by-seed case because it is a `lax.scan`, whose convolutions XLA:CPU also runs slower."""
-    if vectorised:
-        return jax.vmap(function, in_axes=in_axes)
-
-    def seed_by_seed(*args: Any) -> Any:
-        count = next(jax.tree_util.tree_leaves(arg)[0].shape[0] for arg, axis in zip(args, in_axes, strict=True)
-                     if axis == 0)
-        results = [function(*(jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], arg) if axis == 0 else arg
-                              for arg, axis in zip(args, in_axes, strict=True))) for i in range(count)]
-        return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *results)
-
-    return seed_by_seed
-
-
-def train_epoch(step: Callable, state: TrainState, keys: jax.Array,
+def train_epoch(step: Callable, state: TrainState, key: jax.Array,
                 batches: Iterable[tuple[jax.Array, jax.Array]], report: Callable[[int, Metrics], None]) -> TrainState:
-    """Every batch through `step` (the compiled `over_seeds(train_step)`), one in flight: JAX
+    """Every batch through `step` (the compiled `train_step`), one in flight: JAX
     dispatches step i + 1 before step i has finished, so the host prepares the next batch while
     the device computes. `report(images, metrics)` reads a step's metrics once the next is queued."""
     in_flight = None
     for inputs, targets in batches:
-        state, metrics = step(state, (inputs, targets), keys)
+        state, metrics = step(state, (inputs, targets), key)
         if in_flight:
             report(*in_flight)  # waits for the previous step only
         in_flight = (targets.shape[-1], metrics)
@@ -180,6 +145,13 @@ def swa_step(state: TrainState) -> TrainState:
     return state.replace(averaged=swa_update(state.averaged, variables_of(state)))
 
 
+def is_finite(state: TrainState) -> jax.Array:
+    """Whether every weight and BatchNorm statistic, trained and averaged, is finite (checked
+    before a checkpoint is written)."""
+    leaves = jax.tree_util.tree_leaves((variables_of(state), state.averaged))
+    return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in leaves]))
+
+
 def eval_step(apply_fn: Callable, variables: dict, images: jax.Array) -> jax.Array:
     """Eval-mode log-probabilities (running BatchNorm statistics, no dropout) of variables
     {"params", "batch_stats"}: no optimiser state is needed to evaluate."""
@@ -201,9 +173,10 @@ def evaluated_variables_of(state: TrainState) -> dict:
 
 
 def predict(evaluate: Callable, variables: dict, images: np.ndarray, batch_size: int,
-            placement: jax.Device | jax.sharding.Sharding, seed_axis: bool = False) -> np.ndarray:
+            placement: jax.Device | jax.sharding.Sharding) -> np.ndarray:
     """Log-probabilities of normalised images (N, 28, 28), `batch_size` at a time, through
-    `evaluate` (a compiled `eval_step`); with `seed_axis`, one row of them per seed. `placement`
+    `evaluate` (a compiled `eval_step`; batched over stacked variables, it gives one row per
+    entry of their leading axis, the images' axis being the second to last). `placement`
     is a device, or a sharding that splits each batch over several devices: a batch is then
     padded to a multiple of their number with blank images, whose outputs are dropped (eval mode
     computes every image on its own, so the padding changes no other output)."""
@@ -215,4 +188,4 @@ def predict(evaluate: Callable, variables: dict, images: np.ndarray, batch_size:
         if padding:
             batch = np.concatenate([batch, np.zeros((padding, *batch.shape[1:]), batch.dtype)])
         outputs.append((evaluate(variables, jax.device_put(batch, placement)), len(batch) - padding))
-    return np.concatenate([np.asarray(out)[..., :count, :] for out, count in outputs], axis=1 if seed_axis else 0)
+    return np.concatenate([np.asarray(out)[..., :count, :] for out, count in outputs], axis=-2)

@@ -8,38 +8,57 @@ mutation reaches the processes a test starts.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import sys
+from collections.abc import Iterator
 
 import jax
 import numpy as np
 
-from common.driver import main
-from common.framework import TrainerConfig
-from jax_impl.devices import put_replicated, replicated
-from jax_impl.seed_group import JaxSeedGroup
-from jax_impl.train import FRAMEWORK, enable_compilation_cache
+import jax_impl.seeds
+import jax_impl.train
+from jax_impl.train import enable_compilation_cache
+from jax_impl.training import create_train_state
 from tests.parity.mutations import apply_from_environment
 
 
 def in_float64(tree):
     """Every float32 leaf of `tree` as float64 NumPy; other leaves (keys, counters) unchanged."""
-    return jax.tree_util.tree_map(lambda leaf: np.asarray(leaf, np.float64) if leaf.dtype == np.float32 else leaf,
-                                  jax.device_get(tree))
+    def widened(leaf):
+        return np.asarray(leaf, np.float64) if np.asarray(leaf).dtype == np.float32 else leaf
+
+    return jax.tree_util.tree_map(widened, jax.device_get(tree))
 
 
-def float64_seed_group(config: TrainerConfig, seeds: list[int]) -> JaxSeedGroup:
-    """The trainer's seed group with its state cast to float64 before the first step: the images
-    and every computation on them follow the weights' dtype (needs jax_enable_x64)."""
-    group = JaxSeedGroup(config, seeds)
-    group.state = put_replicated(in_float64(group.state), replicated(group.mesh))
-    return group
+@contextlib.contextmanager
+def float64_training() -> Iterator[None]:
+    """jax_impl.train and jax_impl.seeds with every new state cast to float64 before its first
+    step: the images and every computation on them follow the weights' dtype (jax_enable_x64
+    is switched on)."""
+
+    def float64_train_state(*args, **kwargs):
+        state, key = create_train_state(*args, **kwargs)
+        return in_float64(state), key
+
+    jax.config.update("jax_enable_x64", True)
+    trainers = (jax_impl.train, jax_impl.seeds)
+    for trainer in trainers:
+        trainer.create_train_state = float64_train_state
+    try:
+        yield
+    finally:
+        for trainer in trainers:
+            trainer.create_train_state = create_train_state
+        jax.config.update("jax_enable_x64", False)
 
 
-FLOAT64_FRAMEWORK = dataclasses.replace(FRAMEWORK, create_seed_group=float64_seed_group)
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jax_impl.train` in float64."""
+    with float64_training():
+        return jax_impl.train.main(argv)
+
 
 if __name__ == "__main__":
-    jax.config.update("jax_enable_x64", True)
     apply_from_environment()
     enable_compilation_cache()
-    sys.exit(main(FLOAT64_FRAMEWORK))
+    sys.exit(main())

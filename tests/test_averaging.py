@@ -4,21 +4,17 @@ AveragedModel's, in tests/parity/test_averaging.py."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 
 from bridge.convert import flax_to_torch
 from common.cli import DRY_RUN_TEST_IMAGES
-from common.driver import main
 from common.errors import UserFacingError
 from common.metrics import evaluate_log_probs, read_metrics
 from common.recipes import BEST
 from common.transforms import normalize
-from jax_impl.train import FRAMEWORK as JAX
+from tests.frameworks import JAX, TORCH
 from torch_ref.averaging import averaged_state_dict
-from torch_ref.train import FRAMEWORK as TORCH
 
 AVERAGES = {"ema": ["--average", "ema"], "swa": ["--average", "swa", "--swa-start", "1"]}
 
@@ -50,12 +46,13 @@ def trained_and_averaged(framework, checkpoint) -> tuple[dict, dict]:
 
 
 def train(framework, out, data_dir, *flags) -> int:
-    return main(framework, ["--dry-run", "--out", str(out), "--data-dir", str(data_dir), "--threads", "1", *flags])
+    return framework.main(["--dry-run", "--out", str(out), "--data-dir", str(data_dir), "--threads", "1", *flags])
 
 
 @pytest.mark.parametrize("average", AVERAGES)
 @pytest.mark.parametrize("framework", [JAX, TORCH], ids=["jax", "torch"])
-def test_a_run_evaluates_saves_and_resumes_its_average(framework, average, tmp_path, synthetic_dir, synthetic_mnist):
+def test_a_run_evaluates_saves_and_resumes_its_average(framework, average, tmp_path, synthetic_dir, synthetic_mnist,
+                                                       monkeypatch):
     whole = tmp_path / "whole"
     assert train(framework, whole, synthetic_dir, "--save-model", *AVERAGES[average]) == 0
     checkpoint = whole / framework.checkpoint_name
@@ -63,37 +60,28 @@ def test_a_run_evaluates_saves_and_resumes_its_average(framework, average, tmp_p
     assert max(np.abs(trained[key] - averaged[key]).max() for key in averaged if key.endswith("weight")) > 1e-3
 
     # What the run evaluated, what it saved and what the evaluate command reads: the average.
-    weights = framework.read_weights(checkpoint)
+    weights = framework.weights.read(checkpoint)
     images = normalize(synthetic_mnist.test_images[:DRY_RUN_TEST_IMAGES])
-    evaluated = evaluate_log_probs(framework.predict(weights, images, 100, "cpu", "auto"),
+    evaluated = evaluate_log_probs(framework.weights.predict(weights, images, 100, "cpu", "auto"),
                                    synthetic_mnist.test_labels[:DRY_RUN_TEST_IMAGES])
     last = read_metrics(whole / "metrics.jsonl")[-1]
     # Float32 log-probabilities of the same weights from another compiled program: ulps apart.
     assert evaluated.loss == pytest.approx(last.test_loss, rel=1e-5)
     assert evaluated.accuracy == last.test_accuracy
-    saved = as_arrays(framework, framework.read_weights(whole / framework.model_name))
+    saved = as_arrays(framework, framework.weights.read(whole / framework.model_name))
     for key, value in as_arrays(framework, weights).items():
         np.testing.assert_array_equal(saved[key], value, err_msg=key)
     for key in averaged:
         np.testing.assert_array_equal(saved[key], averaged[key], err_msg=key)
 
     # Interrupted after epoch 1 and resumed: the trained and the averaged weights are restored.
-    class StopsAfterOneEpoch(framework.create_seed_group):
-        def train_epoch(self, *args):
-            if read_metrics_count(tmp_path / "resumed") == 1:
-                raise KeyboardInterrupt
-            super().train_epoch(*args)
-
-    stops = dataclasses.replace(framework, create_seed_group=StopsAfterOneEpoch)
-    assert train(stops, tmp_path / "resumed", synthetic_dir, *AVERAGES[average]) == 130
-    assert main(framework, ["--dry-run", "--resume", str(tmp_path / "resumed"), "--data-dir", str(synthetic_dir),
+    framework.interrupt_after(1, monkeypatch)
+    assert train(framework, tmp_path / "resumed", synthetic_dir, *AVERAGES[average]) == 130
+    monkeypatch.undo()
+    assert len(read_metrics(tmp_path / "resumed" / "metrics.jsonl")) == 1
+    assert framework.main(["--dry-run", "--resume", str(tmp_path / "resumed"), "--data-dir", str(synthetic_dir),
                             "--threads", "1"]) == 0
     resumed = trained_and_averaged(framework, tmp_path / "resumed" / framework.checkpoint_name)
     for ours, uninterrupted in zip(resumed, (trained, averaged), strict=True):
         for key, value in uninterrupted.items():
             np.testing.assert_array_equal(ours[key], value, err_msg=key)
-
-
-def read_metrics_count(run) -> int:
-    metrics = run / "metrics.jsonl"
-    return len(read_metrics(metrics)) if metrics.exists() else 0

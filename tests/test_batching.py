@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.batching import plan_epoch, train_batches
+from common.batching import check_even_shards, plan_epoch, train_batches
 from common.errors import UserFacingError
 from common.recipes import SEED
 
@@ -67,3 +67,11 @@ def test_a_batch_that_does_not_split_evenly_is_refused_with_the_sizes():
         plan_epoch(0, 1, 1000, 256, AUG).shard(0, 3)
     with pytest.raises(UserFacingError, match="--devices 16: .*, but the epoch.s last batch of 232 images cannot"):
         plan_epoch(0, 1, 1000, 256, AUG).shard(0, 16)
+
+
+def test_uneven_shards_name_the_batch_that_cannot_be_cut():
+    with pytest.raises(UserFacingError, match="--devices 4: .*the epoch's last batch of 26 images cannot be cut"):
+        check_even_shards(32, 90, 4)
+    with pytest.raises(UserFacingError, match="but batch size 30 cannot be cut into 4 equal parts"):
+        check_even_shards(30, 120, 4)
+    check_even_shards(32, 128, 4)  # even: nothing to refuse

@@ -1,4 +1,4 @@
-"""JAX data parallelism (jax_impl.devices): N devices, or N processes, compute what one device
+"""JAX data parallelism (jax_impl.distributed): N devices, or N processes, compute what one device
 computes, because the step is the same program over a global batch that is only stored in parts.
 
 Why every comparison here is in float64: with the batch split, each device sums its part and
@@ -20,7 +20,6 @@ process's part of the batch instead of the global batch, moves the running means
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -31,28 +30,22 @@ import numpy as np
 import pytest
 
 from common.batching import plan_epoch
-from common.driver import main
 from common.errors import UserFacingError
-from common.framework import TrainerConfig
 from common.recipes import SEED
+from jax_impl import data
 from jax_impl.checkpoints import read_checkpoint
-from jax_impl.devices import put_replicated, replicated
-from jax_impl.seed_group import JaxSeedGroup
-from tests.float64_jax_train import FLOAT64_FRAMEWORK, in_float64
+from jax_impl.devices import select_devices
+from jax_impl.distributed import data_mesh, put_replicated, replicated, split_along
+from jax_impl.fast.choice import layers_for
+from jax_impl.train import main
+from jax_impl.training import scan_epoch, train_epoch, train_step
+from tests.float64_jax_train import in_float64
+from tests.float64_jax_train import main as float64_main
+from tests.frameworks import new_jax_state
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, BATCH = 20, 32
 RELATIVE = 1e-10  # of a tensor's norm, in float64 (module docstring)
-
-
-class StepLosses:
-    """Stands in for EpochProgress: keeps every step's mean loss."""
-
-    def __init__(self):
-        self.losses = []
-
-    def update(self, images: int, loss_sum: float, correct: int) -> None:
-        self.losses.append(loss_sum / images)
 
 
 @pytest.fixture
@@ -62,19 +55,30 @@ def float64():
     jax.config.update("jax_enable_x64", False)
 
 
-def train_20_steps(data, devices: int, ops: str, epoch: str = "loop") -> tuple[np.ndarray, dict]:
-    """20 steps of the seed recipe through the trainer's own seed group, its state in float64
-    (the float32 images and every computation on them follow the weights' dtype)."""
+def train_20_steps(mnist, devices: int, ops: str, epoch: str = "loop") -> tuple[np.ndarray, dict]:
+    """20 steps of the seed recipe as jax_impl.train runs them on `devices` devices (a mesh, the
+    state replicated, each batch split), the state in float64 (the float32 images and every
+    computation on them follow the weights' dtype). Returns each step's mean loss and the state."""
     recipe = SEED.with_overrides(batch_size=BATCH)
-    plan = plan_epoch(0, 1, len(data.train_labels), BATCH, recipe.augmentation).head(STEPS * BATCH)
-    config = TrainerConfig(recipe, "cpu", None, steps_per_epoch=STEPS, ops=ops, devices=devices,
-                           epoch_images=STEPS * BATCH)
-    group = JaxSeedGroup(config, [0], epoch=epoch)
-    group.state = put_replicated(in_float64(group.state), replicated(group.mesh))
-    progress = StepLosses()
-    group.train_epoch([plan], data.train_images, data.train_labels, [progress])
-    assert group.describe()["devices"] == devices
-    return np.array(progress.losses), group._seed(0, group.state)
+    plan = plan_epoch(0, 1, len(mnist.train_labels), BATCH, recipe.augmentation).head(STEPS * BATCH)
+    mesh = data_mesh(select_devices("cpu", devices))
+    whole = replicated(mesh)
+    state, key = new_jax_state(recipe, STEPS, layers_for(ops))
+    state, key = put_replicated((in_float64(state), key), whole)
+    assert len(state.params["conv1"]["kernel"].sharding.device_set) == devices
+    losses = []
+    if epoch == "loop":
+        step = jax.jit(train_step, donate_argnums=0, out_shardings=whole)
+        batches = data.host_batches(plan, mnist.train_images, mnist.train_labels, split_along(mesh, 0))
+        state = train_epoch(step, state, key, batches,
+                            lambda images, metrics: losses.append(float(metrics["loss_sum"]) / images))
+    else:
+        scan = jax.jit(scan_epoch, static_argnames="crop_size", donate_argnums=0, out_shardings=whole)
+        images, labels = data.resident_data(whole)(mnist.train_images, mnist.train_labels)
+        for _, draws in data.scan_blocks(plan, split_along(mesh, 1)):
+            state, metrics = scan(state, key, images, labels, *draws, crop_size=plan.crop_size)
+            losses.extend(np.asarray(metrics["loss_sum"]) / BATCH)
+    return np.array(losses), jax.device_get(state)
 
 
 def assert_same_state(ours, theirs, relative: float = RELATIVE) -> None:
@@ -107,33 +111,30 @@ def test_the_scan_epoch_splits_batches_too(synthetic_mnist, float64):
     assert_same_state(split_state.batch_stats, state.batch_stats)
 
 
-def test_batches_that_do_not_split_evenly_are_refused_before_training():
-    config = TrainerConfig(SEED.with_overrides(batch_size=32), "cpu", None, steps_per_epoch=3, devices=4,
-                           epoch_images=90)
-    with pytest.raises(UserFacingError, match="--devices 4: .*the epoch's last batch of 26 images cannot be cut"):
-        JaxSeedGroup(config, [0])
-    config = dataclasses.replace(config, recipe=SEED.with_overrides(batch_size=30))
-    with pytest.raises(UserFacingError, match="but batch size 30 cannot be cut into 4 equal parts"):
-        JaxSeedGroup(config, [0])
+def test_batches_that_do_not_split_evenly_are_refused_before_training(synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "uneven"
+    assert main(["--dry-run", "--devices", "4", "--batch-size", "30", "--data-dir", str(synthetic_dir),
+                 "--out", str(out)]) == 2
+    assert "but batch size 30 cannot be cut into 4 equal parts" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_more_devices_than_jax_has_is_a_clear_error():
-    config = TrainerConfig(SEED, "cpu", None, steps_per_epoch=1, devices=64, epoch_images=128)
     with pytest.raises(UserFacingError, match="jax_num_cpu_devices"):
-        JaxSeedGroup(config, [0])
+        select_devices("cpu", 64)
 
 
 def dry_run_state(out: Path) -> dict:
     return read_checkpoint(out / "checkpoint.msgpack")[1]["state"]
 
 
-def test_a_dry_run_on_2_processes_equals_one_on_one_device(synthetic_dir, tmp_path, float64):
+def test_a_dry_run_on_2_processes_equals_one_on_one_device(synthetic_dir, tmp_path):
     """Two processes joined by jax.distributed (CPU collectives over gloo), each feeding its
     half of every batch, against one process on one device: the artefacts are written once, by
     process 0, and hold the same weights. Both run the trainer with its state in float64
     (tests/float64_jax_train.py), held to the module's bound."""
     common = ["--dry-run", "--data-dir", str(synthetic_dir), "--device", "cpu"]
-    assert main(FLOAT64_FRAMEWORK, [*common, "--out", str(tmp_path / "one-device")]) == 0
+    assert float64_main([*common, "--out", str(tmp_path / "one-device")]) == 0
 
     port = 12000 + os.getpid() % 20000
     processes = [subprocess.Popen(

@@ -24,12 +24,12 @@ import torch
 
 from common.batching import plan_epoch
 from common.cli import DRY_RUN_EPOCHS, DRY_RUN_TRAIN_BATCHES
-from common.driver import main
 from common.recipes import DEFAULT_RECIPE, get_recipe
+from tests.frameworks import new_torch_state
 from torch_ref.checkpoints import read_checkpoint
 from torch_ref.data import host_batches
-from torch_ref.train import FRAMEWORK
-from torch_ref.training import create_train_state, seed_random_stream, training_loss
+from torch_ref.train import main
+from torch_ref.training import seed_random_stream, training_loss
 
 REPO = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -38,7 +38,7 @@ CPU = torch.device("cpu")
 def emulate_two_cpu_ranks(data) -> dict[str, torch.Tensor]:
     """A dry run's steps as two gloo ranks take them, in one process."""
     recipe = get_recipe(DEFAULT_RECIPE)
-    state = create_train_state(0, recipe, DRY_RUN_TRAIN_BATCHES, CPU)
+    state = new_torch_state(recipe, DRY_RUN_TRAIN_BATCHES)
     state.model.train()
     parameters = list(state.model.parameters())
     for epoch in range(1, DRY_RUN_EPOCHS + 1):
@@ -105,8 +105,8 @@ def test_two_gloo_ranks_equal_their_single_process_emulation(two_ranks, syntheti
 
 def test_two_cpu_ranks_differ_from_one_process_by_their_batchnorm_statistics(two_ranks, synthetic_dir, tmp_path):
     """Documented in torch_ref.distributed: per-rank BatchNorm statistics on CPU, not one device's."""
-    assert main(FRAMEWORK, ["--dry-run", "--device", "cpu", "--data-dir", str(synthetic_dir),
-                            "--out", str(tmp_path / "one")]) == 0
+    assert main(["--dry-run", "--device", "cpu", "--data-dir", str(synthetic_dir),
+                 "--out", str(tmp_path / "one")]) == 0
     one = read_checkpoint(tmp_path / "one" / "checkpoint.pt")[1]["model"]
     ranks = read_checkpoint(two_ranks / "checkpoint.pt")[1]["model"]
     # Half-batch statistics differ from the whole batch's by sampling, a property of the data that
@@ -130,8 +130,8 @@ def test_torchrun_runs_the_same_ranks_and_writes_the_artefacts_once(two_ranks, s
 def test_devices_must_match_the_processes_torchrun_started(synthetic_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    assert main(FRAMEWORK, ["--dry-run", "--devices", "3", "--data-dir", str(synthetic_dir),
-                            "--out", str(tmp_path / "run")]) == 2
+    assert main(["--dry-run", "--devices", "3", "--data-dir", str(synthetic_dir),
+                 "--out", str(tmp_path / "run")]) == 2
     assert "one of 2 started by torchrun" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 

@@ -16,13 +16,11 @@ import numpy as np
 import pytest
 
 from common import cli
-from common.driver import main
 from common.errors import DataError
 from common.mnist import MNIST_FILES, UNVERIFIED_TEST_DIR_ENV, Mnist
 from common.sources import OFFICIAL_DIGESTS, TFDS_DATA_DIR_ENV, examples_digest, load_source
-from jax_impl.train import FRAMEWORK as JAX
+from tests.frameworks import JAX, TORCH
 from tests.synthetic_mnist import write_synthetic_tfds
-from torch_ref.train import FRAMEWORK as TORCH
 
 SPLITS = ("train", "test")
 
@@ -138,9 +136,9 @@ def test_torchvision_source_names_the_folder_it_reads(synthetic_dir):
 def test_trainers_train_on_tfds_and_a_run_keeps_its_source(framework, synthetic_tfds, tmp_path, capsys):
     out = tmp_path / "run"
     common = ["--data-dir", str(synthetic_tfds), "--threads", "1"]
-    assert main(framework, ["--dry-run", "--data-source", "tfds", "--out", str(out), *common]) == 0
+    assert framework.main(["--dry-run", "--data-source", "tfds", "--out", str(out), *common]) == 0
     assert json.loads((out / "config.json").read_text())["data_source"] == "tfds"
-    assert main(framework, ["--resume", str(out), "--data-source", "idx", *common]) == 2
+    assert framework.main(["--resume", str(out), "--data-source", "idx", *common]) == 2
     assert "--data-source idx (checkpoint: tfds)" in capsys.readouterr().err
 
 

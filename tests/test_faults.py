@@ -22,11 +22,8 @@ import pytest
 
 from common import mnist
 from common.checkpoints import sealed_meta
-from common.driver import main
-from common.evaluation import main as evaluate
-from jax_impl.train import FRAMEWORK as JAX
 from tests.conftest import REPO_ROOT
-from torch_ref.train import FRAMEWORK as TORCH
+from tests.frameworks import JAX, TORCH
 
 FRAMEWORKS = pytest.mark.parametrize("framework", [TORCH, JAX], ids=["torch", "jax"])
 
@@ -37,7 +34,7 @@ def snapshot(*roots: Path) -> dict[Path, bytes]:
 
 
 def run(framework, args: list[str], capsys) -> tuple[int, str]:
-    status = main(framework, args)
+    status = framework.main(args)
     return status, capsys.readouterr().err
 
 
@@ -47,7 +44,7 @@ def finished_runs(tmp_path_factory, synthetic_dir) -> dict[str, Path]:
     runs = {}
     for framework in (TORCH, JAX):
         out = tmp_path_factory.mktemp("runs") / framework.name
-        assert main(framework, ["--dry-run", "--out", str(out), "--data-dir", str(synthetic_dir)]) == 0
+        assert framework.main(["--dry-run", "--out", str(out), "--data-dir", str(synthetic_dir)]) == 0
         runs[framework.name] = out
     return runs
 
@@ -122,7 +119,7 @@ def test_resume_refuses_to_change_dry_run(framework, finished_runs, synthetic_di
     assert status == 2 and "the checkpoint is from a dry run" in err
     assert snapshot(dry) == before
     full = tmp_path / "full"
-    assert main(framework, ["--epochs", "1", "--batch-size", "256", "--data-dir", str(synthetic_dir),
+    assert framework.main(["--epochs", "1", "--batch-size", "256", "--data-dir", str(synthetic_dir),
                             "--out", str(full)]) == 0
     capsys.readouterr()
     before = snapshot(full)
@@ -141,7 +138,7 @@ def test_resume_rewrites_metrics_lost_between_the_two_writes(framework, finished
         (run_dir / path.name).write_bytes(path.read_bytes())
     complete = (run_dir / "metrics.jsonl").read_text()
     (run_dir / "metrics.jsonl").write_text(complete.splitlines(keepends=True)[0])
-    assert main(framework, ["--resume", str(run_dir), "--dry-run", "--data-dir", str(synthetic_dir)]) == 0
+    assert framework.main(["--resume", str(run_dir), "--dry-run", "--data-dir", str(synthetic_dir)]) == 0
     assert (run_dir / "metrics.jsonl").read_text() == complete
 
 
@@ -219,7 +216,7 @@ def test_a_flipped_byte_in_a_checkpoint_is_detected(framework, finished_runs, sy
     before = snapshot(tmp_path)
     status, err = run(framework, ["--resume", str(broken), "--dry-run", "--data-dir", str(synthetic_dir)], capsys)
     assert status == 2 and "do not match the SHA-256" in err
-    assert evaluate(framework, [str(broken), "--data-dir", str(synthetic_dir)]) == 2  # evaluating it neither
+    assert framework.evaluate_main([str(broken), "--data-dir", str(synthetic_dir)]) == 2  # evaluating it neither
     assert "do not match the SHA-256" in capsys.readouterr().err
     assert snapshot(tmp_path) == before
 
@@ -243,7 +240,7 @@ def test_diverging_run_saves_nothing_non_finite(framework, lr, synthetic_dir, tm
         for line in (out / "metrics.jsonl").read_text().splitlines():
             json.loads(line, parse_constant=lambda name: pytest.fail(f"metrics hold {name}"))
     if (out / framework.checkpoint_name).exists():
-        weights = framework.read_weights(out / framework.checkpoint_name)
+        weights = framework.weights.read(out / framework.checkpoint_name)
         leaves = weights.values() if framework is TORCH else _leaves(weights)
         assert all(np.isfinite(np.asarray(leaf)).all() for leaf in leaves)
 
@@ -331,7 +328,7 @@ def test_a_mirror_that_never_answers_costs_seconds_not_minutes(silent_server, tm
 
 
 def _train_command(framework, out: Path, synthetic_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", framework.module, "--epochs", "3", "--batch-size", "16", "--seed", "3",
+    return [sys.executable, "-m", framework.train_module.__name__, "--epochs", "3", "--batch-size", "16", "--seed", "3",
             "--threads", "1", "--data-dir", str(synthetic_dir), *extra, "--out", str(out)]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -14,23 +15,35 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jax_impl.train
 from common.batching import plan_epoch
 from common.cli import DRY_RUN_TRAIN_BATCHES
-from common.driver import main
 from common.errors import CheckpointError
-from common.framework import TrainerConfig
 from common.metrics import read_metrics
-from common.progress import EpochProgress
+from common.processes import SINGLE_PROCESS
 from common.recipes import BEST, SEED
+from common.settings import RunSettings
 from common.transforms import augment as core_augment
 from common.transforms import normalize as core_normalize
-from jax_impl import augment
-from jax_impl.checkpoints import read_checkpoint, read_weights
+from jax_impl import augment, data
+from jax_impl.checkpoints import read_checkpoint, read_weights, restore
+from jax_impl.distributed import data_mesh, replicated, split_along
 from jax_impl.evaluate import predict_with_weights
+from jax_impl.fast.choice import layers_for
 from jax_impl.optim import learning_rate_schedule
-from jax_impl.seed_group import JaxSeedGroup
-from jax_impl.train import FRAMEWORK
-from jax_impl.training import create_train_state, eval_step, over_seeds, train_step, variables_of
+from jax_impl.seeds import train_vmapped
+from jax_impl.train import main
+from jax_impl.training import (
+    eval_step,
+    evaluated_variables_of,
+    predict,
+    scan_epoch,
+    train_epoch,
+    train_step,
+    variables_of,
+)
+from tests.float64_jax_train import float64_training, in_float64
+from tests.frameworks import new_jax_state
 
 REPO = Path(__file__).resolve().parent.parent
 jit_train_step = jax.jit(train_step)
@@ -48,7 +61,7 @@ def test_jitted_step_lowers_the_loss_on_a_fixed_batch():
     # 32 noise images with random labels, the seed's lr: memorising them takes ~40 steps (loss
     # 2.32 -> 0.18, a factor 13); dropout stays on, and another CPU's rounding takes another
     # trajectory, so ask only for a 4x drop, which memorising does on any trajectory.
-    state = create_train_state(jax.random.key(0), SEED, steps_per_epoch=10)
+    state, _ = new_jax_state(SEED, 10)
     batch, key = small_batch(), jax.random.key(1)
     losses = []
     for _ in range(40):
@@ -59,7 +72,7 @@ def test_jitted_step_lowers_the_loss_on_a_fixed_batch():
 
 
 def test_step_rejects_wrong_layouts_and_dtypes_at_trace_time():
-    state = create_train_state(jax.random.key(0), SEED, steps_per_epoch=10)
+    state, _ = new_jax_state(SEED, 10)
     images, labels = small_batch()
     with pytest.raises(AssertionError):
         jit_train_step(state, (images.transpose(0, 3, 1, 2), labels), jax.random.key(1))  # NCHW
@@ -68,7 +81,7 @@ def test_step_rejects_wrong_layouts_and_dtypes_at_trace_time():
 
 
 def test_eval_is_deterministic():
-    state = create_train_state(jax.random.key(0), SEED, steps_per_epoch=10)
+    state, _ = new_jax_state(SEED, 10)
     images, _ = small_batch()
     variables = variables_of(state)
     np.testing.assert_array_equal(jit_eval_step(state.apply_fn, variables, images),
@@ -102,16 +115,27 @@ def test_scan_epoch_and_step_loop_train_the_same(synthetic_mnist):
     With an EMA (decay 0.5, so every step counts), the average taken inside the step too."""
     plan = plan_epoch(0, 1, len(synthetic_mnist.train_labels), 64, SEED.augmentation).head(64 * 3 + 40)
     recipe = SEED.with_overrides(average="ema", ema_decay=0.5)
-    config = TrainerConfig(recipe, device="cpu", threads=None, steps_per_epoch=4, ops="fast")
+    mesh = data_mesh(jax.devices("cpu")[:1])
     results = []
     jax.config.update("jax_enable_x64", True)
     try:
-        for epoch in ("loop", "scan"):
-            group = JaxSeedGroup(config, [0], epoch=epoch)
-            group.state = _to_float64_state(group.state)
-            progress = EpochProgress(1, 1, len(plan.order), enabled=False)
-            group.train_epoch([plan], synthetic_mnist.train_images, synthetic_mnist.train_labels, [progress])
-            results.append((_seed_zero(group.state), progress.loss, progress.correct))
+        for kind in ("loop", "scan"):
+            state, key = new_jax_state(recipe, 4, layers_for("fast"))
+            state, sums = in_float64(state), []
+            if kind == "loop":
+                batches = data.host_batches(plan, synthetic_mnist.train_images, synthetic_mnist.train_labels,
+                                            split_along(mesh, 0))
+                state = train_epoch(jax.jit(train_step), state, key, batches,
+                                    lambda _, metrics, sums=sums: sums.append(metrics))
+            else:
+                images, labels = data.resident_data(replicated(mesh))(synthetic_mnist.train_images,
+                                                                     synthetic_mnist.train_labels)
+                for _, draws in data.scan_blocks(plan, split_along(mesh, 1)):
+                    state, metrics = jax.jit(scan_epoch, static_argnames="crop_size")(
+                        state, key, images, labels, *draws, crop_size=plan.crop_size)
+                    sums.append(metrics)
+            loss = sum(float(np.sum(metrics["loss_sum"])) for metrics in sums) / len(plan.order)
+            results.append((state, loss, sum(int(np.sum(metrics["correct"])) for metrics in sums)))
     finally:
         jax.config.update("jax_enable_x64", False)
     (loop_state, loop_loss, loop_correct), (scan_state, scan_loss, scan_correct) = results
@@ -119,6 +143,7 @@ def test_scan_epoch_and_step_loop_train_the_same(synthetic_mnist):
     assert scan_correct == loop_correct
     assert scan_loss == pytest.approx(loop_loss, rel=1e-9)
     assert int(loop_state.averaged.count) == int(scan_state.averaged.count) == 4
+
     def trained_and_averaged(state):
         return jax.tree_util.tree_leaves((state.params, state.batch_stats, state.averaged.variables))
 
@@ -127,17 +152,8 @@ def test_scan_epoch_and_step_loop_train_the_same(synthetic_mnist):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
-def _seed_zero(tree):
-    return jax.tree_util.tree_map(lambda leaf: leaf[0], tree)
-
-
-def _to_float64(tree):
-    return jax.tree_util.tree_map(lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                                  tree)
-
-
-def train(args, data_dir, framework=FRAMEWORK) -> int:
-    return main(framework, [*args, "--data-dir", str(data_dir)])
+def train(args, data_dir) -> int:
+    return main([*args, "--data-dir", str(data_dir)])
 
 
 @pytest.fixture(scope="module")
@@ -189,23 +205,23 @@ def test_threads_says_where_it_cannot_work(without_affinity_calls, tmp_path, syn
     assert not (out / "checkpoint.msgpack").exists()
 
 
-def test_checkpoint_restores_the_run_into_a_trainer_seeded_otherwise(dry_run, synthetic_mnist):
-    """A group built with another seed holds other weights until it restores the checkpoint;
+def test_checkpoint_restores_the_run_into_a_state_seeded_otherwise(dry_run, synthetic_mnist):
+    """A state created from another seed holds other weights until it restores the checkpoint;
     then it holds the run's: its predictions equal those of the run's model.msgpack (written by
-    --save-model from the group that ran) evaluated without a training state, its step counts
-    the run's steps, and its momentum buffers are the checkpoint's."""
+    --save-model) evaluated without a training state, its step counts the run's steps, and its
+    momentum buffers are the checkpoint's."""
     meta, payload = read_checkpoint(dry_run / "checkpoint.msgpack")
     assert meta["epoch"] == 2
-    config = TrainerConfig(BEST, device="cpu", threads=None, steps_per_epoch=3)
+    state, _ = new_jax_state(BEST, 3, layers_for("fast"), seed=5)
     images = core_normalize(synthetic_mnist.test_images[:100])
-    group = JaxSeedGroup(config, [5])
-    before = group.predict(images, 50)[0]
-    group.restore(0, payload)
-    restored = group.predict(images, 50)[0]
+    evaluate = jax.jit(functools.partial(eval_step, state.apply_fn))
+    cpu = jax.devices("cpu")[0]
+    before = predict(evaluate, evaluated_variables_of(state), images, 50, cpu)
+    state = restore(state, payload)
+    restored = predict(evaluate, evaluated_variables_of(state), images, 50, cpu)
     assert not np.allclose(before, restored, atol=1e-3)
     np.testing.assert_array_equal(restored, predict_with_weights(read_weights(dry_run / "model.msgpack"), images, 50,
                                                                  device="cpu"))
-    state = _seed_zero(group.state)
     assert int(state.step) == 2 * DRY_RUN_TRAIN_BATCHES  # two dry-run epochs (4 x 128 of the 640 images)
     saved_momentum = jax.tree_util.tree_leaves(payload["state"]["opt_state"])
     assert saved_momentum and all(np.abs(leaf).sum() > 0 for leaf in saved_momentum if np.ndim(leaf))
@@ -213,19 +229,19 @@ def test_checkpoint_restores_the_run_into_a_trainer_seeded_otherwise(dry_run, sy
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(saved))
 
 
-def test_resume_continues_exactly_where_an_interrupted_run_stopped(tmp_path, synthetic_dir, dry_run):
-    class StopsAfterOneEpoch(JaxSeedGroup):
-        epochs_run = 0
+def test_resume_continues_exactly_where_an_interrupted_run_stopped(tmp_path, synthetic_dir, dry_run, monkeypatch):
+    epochs_run = []
 
-        def train_epoch(self, *args):
-            if StopsAfterOneEpoch.epochs_run == 1:
-                raise KeyboardInterrupt
-            StopsAfterOneEpoch.epochs_run += 1
-            super().train_epoch(*args)
+    def stops_after_one_epoch(*args):
+        if epochs_run:
+            raise KeyboardInterrupt
+        epochs_run.append(1)
+        return train_epoch(*args)
 
     out = tmp_path / "interrupted"
-    assert train(["--dry-run", "--out", str(out)], synthetic_dir,
-                 dataclasses.replace(FRAMEWORK, create_seed_group=StopsAfterOneEpoch)) == 130
+    monkeypatch.setattr(jax_impl.train, "train_epoch", stops_after_one_epoch)
+    assert train(["--dry-run", "--out", str(out)], synthetic_dir) == 130
+    monkeypatch.undo()
     assert train(["--dry-run", "--resume", str(out)], synthetic_dir) == 0
     resumed, uninterrupted = read_metrics(out / "metrics.jsonl"), read_metrics(dry_run / "metrics.jsonl")
     assert [(r.train_loss, r.test_loss, r.test_accuracy) for r in resumed] == \
@@ -258,51 +274,44 @@ def help_text(module: str) -> str:
 
 
 def test_help_equals_torch_ref_word_for_word():
-    """The two trainers' --help may differ only in the program's and the framework's names."""
+    """The two trainers' --help may differ only in the program's and the framework's names and
+    in the framework's own notes (common.cli.FrameworkHelp), which each names in its train.py."""
+    import torch_ref.train
+
+    def general(text: str, module) -> str:
+        for note in dataclasses.astuple(module.HELP):
+            text = text.replace(" ".join(note.split()), "<note>")
+        return text.replace(module.__name__, "<module>").replace(f" with {module.NAMES.title}.", " with <framework>.")
+
     ours = help_text("jax_impl.train")
-    theirs = help_text("torch_ref.train")
     assert "--ops {auto,plain,fast}" in ours and "--resume PATH" in ours
-    assert ours.replace("jax_impl.train", "torch_ref.train").replace(" with JAX.", " with PyTorch.") == theirs
+    assert general(ours, jax_impl.train) == general(help_text("torch_ref.train"), torch_ref.train)
 
 
-@pytest.mark.parametrize("vectorised", [True, False], ids=["vmap", "seed-by-seed"])
-def test_seed_group_follows_each_single_run(synthetic_mnist, vectorised):
-    """Seed k of a group of two (vmapped, or seed by seed as on CPU) against a group of one
-    holding seed k alone, 3 steps of 64 images with dropout. float64, so that only the
-    batching of the vmapped convolutions can reorder sums: 1e-9 relative, as for the two
-    epoch functions."""
-    seeds = [3, 5]
-    config = TrainerConfig(SEED.with_overrides(batch_size=64), device="cpu", threads=None, steps_per_epoch=3)
-    jax.config.update("jax_enable_x64", True)
-    try:
-        count = len(synthetic_mnist.train_labels)
-        plans = [plan_epoch(seed, 1, count, 64, SEED.augmentation).head(64 * 3) for seed in seeds]
-        group = JaxSeedGroup(config, seeds)
-        group.step = jax.jit(over_seeds(train_step, (0, 0, 0), vectorised), donate_argnums=0)
-        group.state = _to_float64_state(group.state)
-        group_progress = [EpochProgress(1, 1, 192, enabled=False) for _ in seeds]
-        group.train_epoch(plans, synthetic_mnist.train_images, synthetic_mnist.train_labels, group_progress)
-        for index, (seed, plan) in enumerate(zip(seeds, plans, strict=True)):
-            single = JaxSeedGroup(config, [seed])
-            single.state = _to_float64_state(single.state)
-            progress = EpochProgress(1, 1, 192, enabled=False)
-            single.train_epoch([plan], synthetic_mnist.train_images, synthetic_mnist.train_labels, [progress])
-            assert group_progress[index].loss == pytest.approx(progress.loss, rel=1e-9)
-            assert group_progress[index].correct == progress.correct
-            ours = jax.tree_util.tree_map(lambda leaf, i=index: leaf[i], (group.state.params, group.state.batch_stats))
-            for a, b in zip(jax.tree_util.tree_leaves(ours),
-                            jax.tree_util.tree_leaves(_seed_zero((single.state.params, single.state.batch_stats))),
-                            strict=True):
-                np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
-        images = core_normalize(synthetic_mnist.test_images[:50])
-        np.testing.assert_allclose(group.predict(images, 25)[1], single.predict(images, 25)[0], rtol=1e-9, atol=1e-12)
-    finally:
-        jax.config.update("jax_enable_x64", False)
-
-
-def _to_float64_state(state):
-    return state.replace(params=_to_float64(state.params), batch_stats=_to_float64(state.batch_stats),
-                         opt_state=_to_float64(state.opt_state), averaged=_to_float64(state.averaged))
+def test_vmapped_seeds_follow_each_single_run(synthetic_dir, tmp_path):
+    """The seeds as one vmapped program (what --seeds does on an accelerator; here forced on the
+    CPU) against each seed's run alone: a dry run of two seeds, float64, so that only the
+    batching of the vmapped convolutions can reorder sums: 1e-9 relative, as for the two epoch
+    functions. Each seed's run directory and checkpoint are written as a run alone writes them."""
+    settings = RunSettings(recipe=SEED.with_overrides(batch_size=64), data_dir=synthetic_dir, dry_run=True,
+                           device="cpu", out=tmp_path / "group")
+    with float64_training():
+        group = train_vmapped(settings, (3, 5), SINGLE_PROCESS)
+        alone = [jax_impl.train.train(dataclasses.replace(settings, seed=seed, out=tmp_path / f"alone{seed}"))
+                 for seed in (3, 5)]
+    assert json.loads((tmp_path / "group" / "summary.json").read_text())["seeds"] == [3, 5]
+    for seed, history, single in zip((3, 5), group, alone, strict=True):
+        assert len(history) == len(single) == 2
+        for ours, theirs in zip(history, single, strict=True):
+            assert ours.train_loss == pytest.approx(theirs.train_loss, rel=1e-9)
+            assert ours.test_loss == pytest.approx(theirs.test_loss, rel=1e-9)
+            assert ours.test_accuracy == theirs.test_accuracy
+        ours = read_checkpoint(tmp_path / "group" / f"seed{seed}" / "checkpoint.msgpack")[1]["state"]
+        theirs = read_checkpoint(tmp_path / f"alone{seed}" / "checkpoint.msgpack")[1]["state"]
+        assert ours["params"]["conv1"]["kernel"].dtype == np.float64
+        for a, b in zip(jax.tree_util.tree_leaves((ours["params"], ours["batch_stats"])),
+                        jax.tree_util.tree_leaves((theirs["params"], theirs["batch_stats"])), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_seeds_flag_writes_one_run_per_seed_and_a_summary(tmp_path, synthetic_dir):

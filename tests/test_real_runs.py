@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import pytest
 
-from common.driver import main
 from common.metrics import read_metrics
-from jax_impl.train import FRAMEWORK as JAX
-from torch_ref.train import FRAMEWORK as TORCH
+from tests.frameworks import JAX, TORCH
 
 
 @pytest.mark.parametrize("framework", [TORCH, JAX], ids=["torch", "jax"])
 def test_one_epoch_on_the_real_files_reaches_97_5_percent(framework, real_mnist_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(framework, ["--epochs", "1", "--seed", "0", "--data-dir", str(real_mnist_dir), "--out", str(out)]) == 0
+    assert framework.main(["--epochs", "1", "--seed", "0", "--data-dir", str(real_mnist_dir), "--out", str(out)]) == 0
     (record,) = read_metrics(out / "metrics.jsonl")
     with capsys.disabled():
         print(f"\n{framework.title}, 1 epoch of the default recipe, seed 0: {record.test_accuracy:.2f}%")

@@ -11,21 +11,20 @@ import torch
 
 from common.batching import plan_epoch, train_batches
 from common.cli import build_parser
-from common.driver import main
 from common.errors import CheckpointError, TrainingDivergedError
-from common.framework import TrainerConfig
 from common.metrics import read_metrics
 from common.progress import EpochProgress
 from common.recipes import BEST, SEED
+from tests.frameworks import TORCH, new_torch_state
 from torch_ref import data
-from torch_ref.checkpoints import read_checkpoint, read_weights
+from torch_ref.checkpoints import read_checkpoint, read_weights, restore
 from torch_ref.evaluate import predict_with_weights
-from torch_ref.seed_group import TorchSeedGroup
-from torch_ref.train import FRAMEWORK
+from torch_ref.train import HELP, main
+from torch_ref.training import predict
 
 
-def train(args, data_dir, framework=FRAMEWORK) -> int:
-    return main(framework, [*args, "--data-dir", str(data_dir), "--threads", "1"])
+def train(args, data_dir) -> int:
+    return main([*args, "--data-dir", str(data_dir), "--threads", "1"])
 
 
 @pytest.fixture(scope="module")
@@ -52,33 +51,32 @@ def test_dry_run_writes_every_artefact(dry_run):
     assert config["recipe"]["name"] == "best" and config["seed"] == 0 and config["dry_run"] is True
 
 
-def test_checkpoint_restores_the_run_into_a_trainer_seeded_otherwise(dry_run, synthetic_mnist):
-    """A group built with another seed holds other weights until it restores the checkpoint;
+def test_checkpoint_restores_the_run_into_a_state_seeded_otherwise(dry_run, synthetic_mnist):
+    """A state created from another seed holds other weights until it restores the checkpoint;
     then it holds the run's: its predictions equal those of the run's model.pt (written by
-    --save-model from the group that ran) evaluated without a training state, its momentum
-    buffers are the checkpoint's, and its schedule continues where the run stopped (still
-    warming up, past the last logged epoch's lr), not at a fresh group's starting lr."""
+    --save-model) evaluated without a training state, its momentum buffers are the
+    checkpoint's, and its schedule continues where the run stopped (still warming up, past the
+    last logged epoch's lr), not at a fresh state's starting lr."""
 
     meta, payload = read_checkpoint(dry_run / "checkpoint.pt")
     assert meta["epoch"] == 2 and len(meta["history"]) == 2
-    config = TrainerConfig(BEST, device="cpu", threads=1, steps_per_epoch=3)
+    cpu = torch.device("cpu")
     images = (synthetic_mnist.test_images[:100] / 255.0).astype(np.float32)
-    group = TorchSeedGroup(config, [5])
-    before = group.predict(images, 50)[0]
-    group.restore(0, read_checkpoint(dry_run / "checkpoint.pt")[1])
-    restored = group.predict(images, 50)[0]
+    state = new_torch_state(BEST, 3, seed=5)
+    before = predict(state.model, images, 50, cpu)
+    restore(state, read_checkpoint(dry_run / "checkpoint.pt")[1])
+    restored = predict(state.model, images, 50, cpu)
     assert not np.allclose(before, restored, atol=1e-3)
     np.testing.assert_array_equal(restored, predict_with_weights(read_weights(dry_run / "model.pt"), images, 50,
                                                                  device="cpu"))
     # One buffer per parameter: 6 convolution kernels, 5 BatchNorm weights and 5 biases.
-    state = group.states[0]
     saved_buffers = [entry["momentum_buffer"] for entry in payload["optimizer"]["state"].values()]
     ours = [state.optimizer.state[p]["momentum_buffer"] for p in state.model.parameters()]
     assert len(ours) == len(saved_buffers) == 16 and all(buffer.abs().sum() > 0 for buffer in saved_buffers)
     for mine, saved in zip(ours, saved_buffers, strict=True):
         assert torch.equal(mine, saved)
     assert torch.equal(state.rng, payload["rng"])
-    assert group.learning_rate() > meta["history"][-1]["lr"] > BEST.lr / BEST.schedule.div_factor
+    assert state.optimizer.param_groups[0]["lr"] > meta["history"][-1]["lr"] > BEST.lr / BEST.schedule.div_factor
 
 
 def test_fast_ops_is_channels_last_with_the_same_predictions(dry_run, synthetic_mnist):
@@ -89,10 +87,9 @@ def test_fast_ops_is_channels_last_with_the_same_predictions(dry_run, synthetic_
     images = (synthetic_mnist.test_images[:64] / 255.0).astype(np.float64)
     outputs = {}
     for ops in ("plain", "fast"):
-        group = TorchSeedGroup(TrainerConfig(BEST, device="cpu", threads=1, steps_per_epoch=4, ops=ops), [0])
-        group.restore(0, payload)
-        model = group.states[0].model
-        assert group.describe()["ops"] == ops
+        state = new_torch_state(BEST, 4, ops=ops)
+        restore(state, payload)
+        model = state.model
         assert model.conv2.weight.is_contiguous(memory_format=torch.channels_last) == (ops == "fast")
         model.double().eval()
         with torch.no_grad():
@@ -107,19 +104,11 @@ def test_saved_model_loads_into_the_original_architecture(dry_run):
     Net().load_state_dict(torch.load(dry_run / "model.pt", weights_only=True), strict=True)
 
 
-def test_resume_continues_exactly_where_an_interrupted_run_stopped(tmp_path, synthetic_dir, dry_run):
-    class StopsAfterOneEpoch(TorchSeedGroup):
-        epochs_run = 0
-
-        def train_epoch(self, *args):
-            if StopsAfterOneEpoch.epochs_run == 1:
-                raise KeyboardInterrupt
-            StopsAfterOneEpoch.epochs_run += 1
-            super().train_epoch(*args)
-
+def test_resume_continues_exactly_where_an_interrupted_run_stopped(tmp_path, synthetic_dir, dry_run, monkeypatch):
     out = tmp_path / "interrupted"
-    interrupted = dataclasses.replace(FRAMEWORK, create_seed_group=StopsAfterOneEpoch)
-    assert train(["--dry-run", "--out", str(out)], synthetic_dir, interrupted) == 130
+    TORCH.interrupt_after(1, monkeypatch)
+    assert train(["--dry-run", "--out", str(out)], synthetic_dir) == 130
+    monkeypatch.undo()
     assert [r.epoch for r in read_metrics(out / "metrics.jsonl")] == [1]
     assert train(["--dry-run", "--resume", str(out)], synthetic_dir) == 0
     resumed, uninterrupted = read_metrics(out / "metrics.jsonl"), read_metrics(dry_run / "metrics.jsonl")
@@ -176,13 +165,13 @@ def test_progress_rejects_non_finite_loss():
 ])
 def test_bad_flags_are_rejected_by_the_parser(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        build_parser("PyTorch", "torch_ref.train").parse_args(flags)
+        build_parser("PyTorch", "torch_ref.train", HELP).parse_args(flags)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
 
 def test_help_explains_every_flag():
-    parser = build_parser("PyTorch", "torch_ref.train")
+    parser = build_parser("PyTorch", "torch_ref.train", HELP)
     expected = {"--recipe", "--epochs", "--batch-size", "--test-batch-size", "--lr", "--momentum", "--recalibrate-bn",
                 "--average", "--ema-decay", "--swa-start", "--seed",
                 "--data-dir", "--data-source", "--out", "--dry-run", "--device", "--ops", "--devices", "--threads",
@@ -245,36 +234,17 @@ def test_host_batches_come_through_a_dataloader_and_leave_the_dropout_stream_alo
         np.testing.assert_array_equal(labels.numpy(), batch.labels)
 
 
-def test_seed_group_follows_each_single_run(synthetic_mnist):
-    """Seed k of a group of two, trained in turn with the other, against a group of one
-    holding seed k alone: each seed keeps its own random stream (dropout) between epochs, so
-    two epochs give bit-identical weights, statistics and predictions."""
-
-    from common.batching import plan_epoch
-
-    seeds = [3, 5]
-    config = TrainerConfig(SEED.with_overrides(batch_size=64), device="cpu", threads=1, steps_per_epoch=3)
-    count = len(synthetic_mnist.train_labels)
-    group, alone = TorchSeedGroup(config, seeds), TorchSeedGroup(config, [5])
-    for epoch in (1, 2):
-        plans = [plan_epoch(seed, epoch, count, 64, SEED.augmentation).head(64 * 3) for seed in seeds]
-        group.train_epoch(plans, synthetic_mnist.train_images, synthetic_mnist.train_labels,
-                          [EpochProgress(epoch, 2, 192, enabled=False) for _ in seeds])
-        alone.train_epoch(plans[1:], synthetic_mnist.train_images, synthetic_mnist.train_labels,
-                          [EpochProgress(epoch, 2, 192, enabled=False)])
-    ours, theirs = group.states[1].model.state_dict(), alone.states[0].model.state_dict()
-    assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
-    assert not torch.equal(group.states[0].model.conv1.weight, group.states[1].model.conv1.weight)
-    images = (synthetic_mnist.test_images[:50] / 255.0).astype(np.float32)
-    np.testing.assert_array_equal(group.predict(images, 25)[1], alone.predict(images, 25)[0])
-
-
-def test_seeds_train_as_a_group_with_a_summary(tmp_path, synthetic_dir):
+def test_seeds_train_in_turn_each_as_alone_with_a_summary(tmp_path, synthetic_dir):
+    """--seeds 1,2: each seed's run is the run of that seed alone (its own seed and random
+    stream), bit for bit, and the summary covers both."""
     out = tmp_path / "seeds"
     assert train(["--dry-run", "--seeds", "1,2", "--validation", "--out", str(out)], synthetic_dir) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seeds"] == [1, 2] and summary["evaluated_on"] == "validation"
     assert [read_checkpoint(out / f"seed{s}" / "checkpoint.pt")[0]["settings"]["seed"] for s in (1, 2)] == [1, 2]
+    assert train(["--dry-run", "--seed", "2", "--validation", "--out", str(tmp_path / "alone")], synthetic_dir) == 0
+    ours, theirs = (read_checkpoint(run / "checkpoint.pt")[1]["model"] for run in (out / "seed2", tmp_path / "alone"))
+    assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
 
 
 def test_seeds_and_resume_do_not_mix(dry_run, synthetic_dir, capsys):

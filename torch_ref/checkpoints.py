@@ -11,9 +11,11 @@ import torch
 
 from common.checkpoints import checkpoint_meta, sealed_meta, unreadable
 from common.errors import CheckpointError
+from common.settings import FrameworkNames
 from torch_ref.averaging import averaged_state_dict
 from torch_ref.training import TrainState
 
+NAMES = FrameworkNames(name="torch", title="PyTorch", checkpoint_name="checkpoint.pt", model_name="model.pt")
 CHECKPOINT_KEYS = {"meta", "model", "optimizer", "scheduler", "rng"}
 
 

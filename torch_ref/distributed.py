@@ -9,8 +9,8 @@ BatchNorm: on CUDA, `torch.nn.SyncBatchNorm` takes the batch statistics over the
 as one device would. gloo (the CPU backend) cannot run SyncBatchNorm, so on CPUs each process
 normalises with its own part's statistics, and the running statistics are process 0's (DDP
 broadcasts them before every forward pass). N CPU processes therefore do not compute what one
-process computes; tests/test_data_parallel.py pins down what they do compute. JAX's N devices
-do compute what one does (jax_impl.devices).
+process computes; tests/test_data_parallel_torch.py pins down what they do compute. JAX's N
+devices do compute what one does (jax_impl.distributed).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from torch.nn.parallel import DistributedDataParallel
 
 from common.errors import UserFacingError
-from common.framework import SINGLE_PROCESS, DeviceCount, Processes
+from common.processes import SINGLE_PROCESS, DeviceCount, Processes
 from common.system import usable_cpu_count
 
 LAUNCHED_ENV = "WORLD_SIZE"  # set by torchrun and by the elastic launcher in every process they start
@@ -42,10 +42,10 @@ def requested_count(devices: DeviceCount) -> int:
     return devices
 
 
-def launch_processes(devices: DeviceCount, argv: list[str]) -> int | None:
-    """Start one process per device running this CLI with `argv`, and wait for them; returns the
-    exit status of the first that failed, else 0. None when this process should train itself: one device, or
-    already started by torchrun or by this launcher."""
+def launch_processes(devices: DeviceCount, argv: list[str], main: Callable[[list[str]], int]) -> int | None:
+    """Start one process per device running `main(argv)` (the trainer's, importable), and wait
+    for them; returns the exit status of the first that failed, else 0. None when this process
+    should train itself: one device, or already started by torchrun or by this launcher."""
     count = requested_count(devices)
     if LAUNCHED_ENV in os.environ or count == 1:
         return None
@@ -55,7 +55,7 @@ def launch_processes(devices: DeviceCount, argv: list[str]) -> int | None:
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=count, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
     try:
-        elastic_launch(config, _train_in_process)(argv)
+        elastic_launch(config, _train_in_process)(main, argv)
     except ChildFailedError as error:  # the launcher has stopped the other processes
         failure = next(iter(error.failures.values()))
         print(f"error: training process {failure.local_rank} stopped with exit status {failure.exitcode}; "
@@ -64,14 +64,11 @@ def launch_processes(devices: DeviceCount, argv: list[str]) -> int | None:
     return 0
 
 
-def _train_in_process(argv: list[str]) -> None:
-    """What each launched process runs (importable: the launcher spawns fresh interpreters).
-    A failure must end the process with its status, so that the launcher stops the others
-    rather than leave them waiting at the next collective."""
-    from common.driver import main
-    from torch_ref.train import FRAMEWORK
-
-    status = main(FRAMEWORK, argv)
+def _train_in_process(main: Callable[[list[str]], int], argv: list[str]) -> None:
+    """What each launched process runs (the launcher spawns fresh interpreters, which import
+    `main` by name). A failure must end the process with its status, so that the launcher stops
+    the others rather than leave them waiting at the next collective."""
+    status = main(argv)
     if status:
         sys.exit(status)
 
@@ -109,21 +106,21 @@ def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
     return DistributedDataParallel(model)
 
 
-def summed_over_processes(report: Callable[[int, float, int], None],
-                          device: torch.device) -> Callable[[int, float, int], None]:
-    """`report(images, loss_sum, correct)` of the global batch, from each process's part."""
+def summed_over_processes(report: Callable[[int, dict], None], device: torch.device) -> Callable[[int, dict], None]:
+    """`report(images, metrics)` of the global batch, from each process's part."""
 
-    def report_global(images: int, loss_sum: float, correct: int) -> None:
-        totals = torch.tensor([images, loss_sum, correct], dtype=torch.float64, device=device)
+    def report_global(images: int, metrics: dict) -> None:
+        totals = torch.tensor([images, metrics["loss_sum"], metrics["correct"]], dtype=torch.float64, device=device)
         dist.all_reduce(totals)
         images, loss_sum, correct = totals.tolist()
-        report(int(images), loss_sum, int(correct))
+        report(int(images), {"loss_sum": loss_sum, "correct": int(correct)})
 
     return report_global
 
 
-def share_main_buffers(model: torch.nn.Module) -> None:
+def share_main_buffers(*models: torch.nn.Module | None) -> None:
     """Every process takes process 0's BatchNorm running statistics (those its checkpoint holds),
-    so that all of them evaluate the same model."""
-    for buffer in model.buffers():
-        dist.broadcast(buffer, src=0)
+    so that all of them evaluate the same model; None (no average kept) is skipped."""
+    for model in models:
+        for buffer in model.buffers() if model is not None else ():
+            dist.broadcast(buffer, src=0)

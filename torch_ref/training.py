@@ -1,10 +1,12 @@
 """PyTorch training the plain PyTorch way, in the functions of jax_impl.training; read top to bottom.
 
-1. `create_train_state`: the model, `torch.optim.SGD` and its scheduler for one seed.
+1. `create_train_state`: a model, its `torch.optim.SGD` and scheduler, and a seed's random stream.
 2. `train_step`: zero_grad, forward, loss, backward, optimizer.step() (and an EMA's
-   update_parameters): the state is changed in place, where JAX returns a new one.
+   update_parameters): the state is changed in place, where JAX returns a new one; both
+   return (state, metrics), so the loops read alike.
 3. `train_epoch`: every batch of one seed's epoch, in that seed's own random stream.
-4. `eval_step` and `predict`: eval-mode log-probabilities under `torch.inference_mode`.
+4. `is_finite`, `eval_step` and `predict`: the checks before saving, and eval-mode
+   log-probabilities under `torch.inference_mode`.
 
 Dropout draws from PyTorch's global generator, which a seed owns only while it trains: the
 state keeps its generator between epochs (`seed_random_stream`), so a seed draws the same masks
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +29,8 @@ from common.recipes import Recipe
 from torch_ref.averaging import averaged_model
 from torch_ref.data import to_tensor
 from torch_ref.model import Net
-from torch_ref.optim import make_optimizer, make_scheduler
+
+Metrics = dict[str, Any]  # a batch's summed loss and correct count
 
 
 @dataclass
@@ -45,17 +49,11 @@ class TrainState:
     average_every_step: bool = False  # EMA: update `averaged` after every optimiser step
 
 
-def create_train_state(seed: int, recipe: Recipe, steps_per_epoch: int, device: torch.device,
-                       ops: str = "plain") -> TrainState:
-    """Fresh weights from `seed` (PyTorch's default initialisation) and a fresh optimiser.
-    `ops` "fast" stores the model channels_last (NHWC memory, same maths)."""
-    torch.manual_seed(seed)  # initial weights and the dropout masks that follow
-    model = Net(dropout=recipe.dropout).to(device)
-    if ops == "fast":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, recipe)
+def create_train_state(model: Net, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                       recipe: Recipe, device: torch.device) -> TrainState:
+    """`model` (its weights drawn from the seed just set, by torch.manual_seed) with its optimiser
+    and scheduler, and the random stream the seed continues with: the dropout masks."""
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    scheduler = make_scheduler(optimizer, recipe, steps_per_epoch)
     return TrainState(model, model, optimizer, scheduler, recipe.label_smoothing, recipe.schedule.per_step,
                       torch.get_rng_state(), cuda_rng, averaged_model(model, recipe), recipe.average == "ema")
 
@@ -69,9 +67,9 @@ def training_loss(log_probs: torch.Tensor, targets: torch.Tensor, label_smoothin
     return F.nll_loss(log_probs, targets)
 
 
-def train_step(state: TrainState, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, int]:
-    """One SGD step on (images NCHW float32, labels int64), in place; returns the batch's summed
-    loss and correct count."""
+def train_step(state: TrainState, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[TrainState, Metrics]:
+    """One SGD step on (images NCHW float32, labels int64), in place; returns the state and the
+    batch's summed loss and correct count."""
     inputs, targets = batch
     state.optimizer.zero_grad(set_to_none=True)
     log_probs = state.network(inputs)
@@ -82,7 +80,7 @@ def train_step(state: TrainState, batch: tuple[torch.Tensor, torch.Tensor]) -> t
         state.scheduler.step()
     if state.average_every_step:
         state.averaged.update_parameters(state.model)
-    return loss.item() * len(targets), (log_probs.argmax(dim=1) == targets).sum().item()
+    return state, {"loss_sum": loss.item() * len(targets), "correct": (log_probs.argmax(dim=1) == targets).sum().item()}
 
 
 @contextlib.contextmanager
@@ -100,15 +98,24 @@ def seed_random_stream(state: TrainState) -> Iterator[None]:
 
 
 def train_epoch(state: TrainState, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                report: Callable[[int, float, int], None]) -> None:
-    """Every batch through `train_step`; `report(images, loss_sum, correct)` after each."""
+                report: Callable[[int, Metrics], None]) -> TrainState:
+    """Every batch through `train_step`; `report(images, metrics)` after each."""
     state.network.train()
     with seed_random_stream(state):
         for inputs, targets in batches:
-            loss_sum, correct = train_step(state, (inputs, targets))
-            report(len(targets), loss_sum, correct)
+            state, metrics = train_step(state, (inputs, targets))
+            report(len(targets), metrics)
     if not state.step_per_batch:
         state.scheduler.step()
+    return state
+
+
+def is_finite(state: TrainState) -> bool:
+    """Whether every weight and BatchNorm statistic, trained and averaged, is finite (checked
+    before a checkpoint is written)."""
+    models = [state.model] if state.averaged is None else [state.model, state.averaged]
+    return all(bool(torch.isfinite(value).all()) for model in models for value in model.state_dict().values()
+               if value.is_floating_point())
 
 
 def eval_step(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:

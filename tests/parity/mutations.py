@@ -105,10 +105,10 @@ def decoupled_weight_decay() -> None:
     gradient before it, as torch.optim.SGD does."""
     from jax_impl import optim
 
-    def make_optimizer(recipe, steps_per_epoch):
+    def make_optimizer(recipe, schedule):
         momentum = [optax.trace(decay=recipe.momentum, nesterov=recipe.nesterov)] if recipe.momentum else []
         return optax.chain(*momentum, optax.add_decayed_weights(recipe.weight_decay),
-                           optax.scale_by_learning_rate(optim.learning_rate_schedule(recipe, steps_per_epoch)))
+                           optax.scale_by_learning_rate(schedule))
 
     optim.make_optimizer = make_optimizer
 

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from bridge.convert import flax_to_torch, torch_to_flax
 from common.recipes import SEED
 from jax_impl.averaging import WeightAverage, ema_update, evaluated_variables, start_average, swa_update
-from jax_impl.model import PLAIN_LAYERS
-from jax_impl.training import create_train_state, evaluated_variables_of, swa_step, train_step
+from jax_impl.training import evaluated_variables_of, swa_step, train_step
+from tests.frameworks import new_jax_state
 from tests.parity.helpers import dropout_masks, flax_masks, flax_variables, nchw_to_nhwc, torch_masks, torch_model
 from tests.parity.test_trajectory import shared_batches
 from torch_ref.averaging import averaged_model
@@ -96,7 +96,7 @@ def train_both(data, kind: str):
         if kind == "ema" or step % EPOCH_STEPS == 0:
             averaged.update_parameters(model)
 
-    state = create_train_state(jax.random.key(0), recipe(kind), EPOCH_STEPS, PLAIN_LAYERS)
+    state = new_jax_state(recipe(kind), EPOCH_STEPS)[0]
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
                           opt_state=state.tx.init(variables["params"]),
                           averaged=start_average(variables, recipe(kind)))

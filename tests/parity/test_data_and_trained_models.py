@@ -3,7 +3,6 @@ framework makes the same test predictions with the same loss."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import jax
@@ -13,21 +12,16 @@ import torch
 
 from bridge.convert import convert_file
 from common.batching import plan_epoch
-from common.driver import main
 from common.evaluation import evaluate_file
-from common.framework import TrainerConfig
 from common.mnist import Mnist
-from common.progress import EpochProgress
 from common.recipes import SEED
 from common.sources import load_source
 from common.transforms import normalize
 from jax_impl import augment
-from jax_impl.seed_group import JaxSeedGroup
-from jax_impl.train import FRAMEWORK as JAX
-from torch_ref.seed_group import TorchSeedGroup
-from torch_ref.train import FRAMEWORK as TORCH
-
-CONFIG = TrainerConfig(SEED, device="cpu", threads=None, steps_per_epoch=3)
+from jax_impl import data as jax_data
+from jax_impl.distributed import data_mesh, split_along
+from tests.frameworks import JAX, TORCH
+from torch_ref import data as torch_data
 
 
 @pytest.fixture(params=["idx", "tfds"])
@@ -38,27 +32,14 @@ def source_mnist(request, synthetic_dir) -> Mnist:
     return load_source(request.param, synthetic_dir, download=False)
 
 
-def test_same_seed_feeds_identical_batches_to_both_trainers(source_mnist, ops):
+def test_same_seed_feeds_identical_batches_to_both_trainers(source_mnist):
+    """What each trainer's step receives: the batches of torch_ref.data and jax_impl.data."""
     plan = plan_epoch(0, 1, len(source_mnist.train_labels), 64, SEED.augmentation).head(64 * 2 + 10)
-    torch_inputs, jax_inputs = [], []
-
-    config = dataclasses.replace(CONFIG, ops=ops)
-    torch_group = TorchSeedGroup(config, [0])
-    torch_group.states[0].model.register_forward_pre_hook(
-        lambda module, args: torch_inputs.append(args[0].numpy().copy()))
-    torch_group.train_epoch([plan], source_mnist.train_images, source_mnist.train_labels,
-                            [EpochProgress(1, 1, 138, enabled=False)])
-
-    jax_group = JaxSeedGroup(config, [0])
-    compiled_step = jax_group.step
-
-    def recording_step(state, batch, keys):
-        jax_inputs.append((np.asarray(batch[0][0]), np.asarray(batch[1][0])))  # seed 0 of a group of one
-        return compiled_step(state, batch, keys)
-
-    jax_group.step = recording_step
-    jax_group.train_epoch([plan], source_mnist.train_images, source_mnist.train_labels,
-                          [EpochProgress(1, 1, 138, enabled=False)])
+    images, labels = source_mnist.train_images, source_mnist.train_labels
+    torch_inputs = [inputs.numpy() for inputs, _ in torch_data.host_batches(plan, images, labels, torch.device("cpu"))]
+    one_device = split_along(data_mesh(jax.devices("cpu")[:1]), 0)
+    jax_inputs = [(np.asarray(inputs), np.asarray(targets))
+                  for inputs, targets in jax_data.host_batches(plan, images, labels, one_device)]
 
     assert [len(x) for x in torch_inputs] == [len(x) for x, _ in jax_inputs] == [64, 64, 10]
     for torch_batch, (jax_batch, jax_labels), positions in zip(torch_inputs, jax_inputs, plan.batch_slices(),
@@ -82,7 +63,7 @@ TRAINING = ["--epochs", "3", "--batch-size", "32"]
 def torch_checkpoint(tmp_path_factory, synthetic_dir) -> Path:
     """A trained PyTorch model (once for both layer paths of the JAX side)."""
     out = tmp_path_factory.mktemp("trained") / "torch"
-    assert main(TORCH, [*TRAINING, "--out", str(out), "--data-dir", str(synthetic_dir)]) == 0
+    assert TORCH.main([*TRAINING, "--out", str(out), "--data-dir", str(synthetic_dir)]) == 0
     return out / "checkpoint.pt"
 
 
@@ -99,19 +80,19 @@ def test_trained_models_predict_the_same_in_the_other_framework(tmp_path, synthe
     evaluates with the layers of `ops`; PyTorch evaluates with its counterpart (fast:
     channels_last)."""
     jax_out = tmp_path / "jax"
-    assert main(JAX, [*TRAINING, "--ops", ops, "--out", str(jax_out), "--data-dir", str(synthetic_dir)]) == 0
+    assert JAX.main([*TRAINING, "--ops", ops, "--out", str(jax_out), "--data-dir", str(synthetic_dir)]) == 0
     for trained_by, other, checkpoint, converted in (
             (TORCH, JAX, torch_checkpoint, "converted.msgpack"),
             (JAX, TORCH, jax_out / "checkpoint.msgpack", "converted.pt")):
         convert_file(checkpoint, tmp_path / converted)
-        original = evaluate_file(trained_by, checkpoint, str(synthetic_dir), device="cpu", ops=ops)
-        ported = evaluate_file(other, tmp_path / converted, str(synthetic_dir), device="cpu", ops=ops)
+        original = evaluate_file(trained_by.weights, checkpoint, str(synthetic_dir), device="cpu", ops=ops)
+        ported = evaluate_file(other.weights, tmp_path / converted, str(synthetic_dir), device="cpu", ops=ops)
         with capsys.disabled():
             print(f"\n{trained_by.title} model: test loss {original.loss:.6f}, {original.accuracy:.2f}% correct; "
                   f"converted to {other.title}: {ported.loss:.6f}, {ported.accuracy:.2f}%")
         assert original.accuracy >= 90  # a trained model, not a trivial one
-        log_probs = trained_by.predict(trained_by.read_weights(checkpoint), normalize(synthetic_mnist.test_images), 100,
-                                       "cpu", ops)
+        log_probs = trained_by.weights.predict(trained_by.weights.read(checkpoint),
+                                               normalize(synthetic_mnist.test_images), 100, "cpu", ops)
         best_two = np.sort(log_probs, axis=1)[:, -2:]
         clear = best_two[:, 1] - best_two[:, 0] > 1e-4
         assert clear.mean() > 0.95, f"{(~clear).sum()} near-ties"

@@ -11,7 +11,8 @@ from flax import linen as nn
 
 from common.recipes import SEED
 from jax_impl.model import Net as FlaxNet
-from jax_impl.training import create_train_state, train_step
+from jax_impl.training import train_step
+from tests.frameworks import new_jax_state
 from tests.parity.helpers import flax_variables, nchw_to_nhwc, torch_model
 
 
@@ -65,7 +66,7 @@ def test_each_training_step_draws_new_masks_in_both(synthetic_images, layers):
     torch_steps = [torch_kept(model, images) for _ in range(2)]
     assert abs((torch_steps[0] == torch_steps[1]).mean() - expected_agreement) < bound
 
-    state = create_train_state(jax.random.key(0), SEED, steps_per_epoch=10, layers=layers)
+    state = new_jax_state(SEED, 10, layers)[0]
     variables = flax_variables(model)
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
     kept = []

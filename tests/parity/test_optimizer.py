@@ -85,7 +85,7 @@ def test_sgd_updates_match_torch_at_every_step(variant, float64):
     parameter = torch.tensor(start, requires_grad=True)
     optimizer = torch.optim.SGD([parameter], lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov,
                                 weight_decay=recipe.weight_decay)
-    tx = make_optimizer(recipe, steps_per_epoch=100)
+    tx = make_optimizer(recipe, learning_rate_schedule(recipe, steps_per_epoch=100))
     params = jnp.asarray(start)
     opt_state = tx.init(params)
     for grad in grads:

@@ -37,9 +37,10 @@ from bridge.convert import flax_to_torch
 from common.batching import Batch, plan_epoch, train_batches
 from common.mnist import Mnist
 from common.recipes import SEED
-from jax_impl.devices import data_mesh, put_replicated, replicated, split_along
+from jax_impl.distributed import data_mesh, put_replicated, replicated, split_along
 from jax_impl.fast.choice import layers_for
-from jax_impl.training import create_train_state, train_step
+from jax_impl.training import train_step
+from tests.frameworks import new_jax_state
 from tests.parity.helpers import dropout_masks, flax_masks, flax_variables, nchw_to_nhwc, torch_masks, torch_model
 from torch_ref.optim import make_scheduler
 
@@ -56,7 +57,7 @@ def shared_batches(data: Mnist) -> list[Batch]:
 
 def run_both(data: Mnist, torch_dtype, jax_dtype, layers, devices: int = 1):
     """PyTorch on the whole batch in one process; JAX with the batch split over `devices`
-    (jax_impl.devices: the state replicated, every batch and its masks cut along the batch)."""
+    (jax_impl.distributed: the state replicated, every batch and its masks cut along the batch)."""
     batches = shared_batches(data)
     rng = np.random.default_rng(11)
     masks = [dropout_masks(rng, BATCH) for _ in range(STEPS)]
@@ -76,7 +77,7 @@ def run_both(data: Mnist, torch_dtype, jax_dtype, layers, devices: int = 1):
         torch_losses.append(loss.item())
     scheduler.step()
 
-    state = create_train_state(jax.random.key(0), SEED, steps_per_epoch=len(batches), layers=layers)
+    state = new_jax_state(SEED, len(batches), layers)[0]
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
                           opt_state=state.tx.init(variables["params"]))
     mesh = data_mesh(jax.devices("cpu")[:devices])
