@@ -5,7 +5,9 @@
     torch_ref, jax_impl: common and their own framework; never each other, never the bridge.
     bridge: common, torch_ref and jax_impl (the only package that sees both).
 
-plus a size limit on the modules of common, torch_ref and jax_impl. Each check returns the offences
+and everywhere no import cycle and no import of a command module (`train`, `evaluate`: the command
+line imports, nothing imports the command line), plus a size limit on the modules of common,
+torch_ref and jax_impl. Each check returns the offences
 as lines that name the module and what it imports, so a failure says what to move. The same checks
 run on small made-up trees, one that breaks every rule and one that keeps them, so that a pass on
 the real tree means the rules hold and not that the scanner saw nothing.
@@ -17,10 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from tools.import_graph import module_files, module_imports, package_of, third_party_imports
+from tools.import_graph import (
+    import_cycles,
+    module_files,
+    module_imports,
+    package_of,
+    structure_violations,
+    third_party_imports,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MAX_LINES = 250
+MAX_LINES = 400
 SIZE_LIMITED = ("common", "torch_ref", "jax_impl")
 TORCH = frozenset({"torch", "torchvision"})
 JAX = frozenset({"jax", "jaxlib", "flax", "optax", "chex"})
@@ -108,6 +117,11 @@ def test_each_framework_package_sees_only_common_and_its_own_framework():
         _listed(offences))
 
 
+def test_no_import_cycles_and_nothing_imports_a_command():
+    offences = [f"{v.module} imports {v.imported} ({v.rule})" for v in structure_violations(module_imports(REPO_ROOT))]
+    assert not offences, "import cycles or imports of a command module:" + _listed(offences)
+
+
 def test_no_module_of_the_library_is_longer_than_the_limit():
     offences = long_modules(REPO_ROOT)
     assert not offences, f"modules of {', '.join(SIZE_LIMITED)} over {MAX_LINES} lines:" + _listed(offences)
@@ -142,6 +156,10 @@ BROKEN_TREE = {
     "jax_impl/bridged.py": "from bridge import convert\n",
     "torch_ref/train.py": "import optax\nfrom ..jax_impl import model\n",
     "torch_ref/trainer.py": "x = 1\n" * (MAX_LINES + 1),
+    "jax_impl/loop_a.py": "from jax_impl import loop_b\n",
+    "jax_impl/loop_b.py": "def later():\n    import jax_impl.loop_a\n",
+    "jax_impl/train.py": "",
+    "jax_impl/helper.py": "from jax_impl.train import main\n",
 }
 
 
@@ -181,6 +199,7 @@ def test_a_tree_that_keeps_the_rules_passes_every_check(clean_root: Path):
     assert common_third_party_offences(clean_root) == []
     assert framework_offences(clean_root) == []
     assert long_modules(clean_root) == []
+    assert structure_violations(module_imports(clean_root)) == []
 
 
 def test_a_tree_that_breaks_the_rules_is_caught_module_by_module(broken_root: Path):
@@ -196,6 +215,13 @@ def test_a_tree_that_breaks_the_rules_is_caught_module_by_module(broken_root: Pa
         "torch_ref.train imports optax",
     ]
     assert long_modules(broken_root) == [f"{Path('torch_ref/trainer.py')}: {MAX_LINES + 1} lines"]
+    internal = module_imports(broken_root)
+    assert import_cycles(internal) == [["jax_impl.loop_a", "jax_impl.loop_b"]]  # one import inside a function
+    assert [(v.module, v.imported, v.rule) for v in structure_violations(internal)] == [
+        ("jax_impl.helper", "jax_impl.train", "nothing imports a command"),
+        ("jax_impl.loop_a", "jax_impl.loop_b", "an import cycle"),
+        ("jax_impl.loop_b", "jax_impl.loop_a", "an import cycle"),
+    ]
 
 
 def test_the_picture_and_listing_of_a_tree_with_a_bridge(broken_root: Path, tmp_path: Path, capsys):
@@ -208,3 +234,12 @@ def test_the_picture_and_listing_of_a_tree_with_a_bridge(broken_root: Path, tmp_
     assert "bridge -> jax_impl" in listing
     assert "jax_impl.convert -> torch_ref.model" in listing
     assert "torch_ref.train -> optax" in listing
+    assert "jax_impl.helper -> jax_impl.train   (nothing imports a command)" in listing
+
+
+def test_common_names_neither_trainer():
+    """common/ is a library the trainers call: no file of it names their packages or files."""
+    twins = ("torch_ref", "jax_impl", "checkpoint.pt", "checkpoint.msgpack", "model.pt", "model.msgpack")
+    offences = [f"{path.relative_to(REPO_ROOT)} names {name}" for path in sorted((REPO_ROOT / "common").rglob("*.py"))
+                for name in twins if name in path.read_text(encoding="utf-8")]
+    assert not offences, "common must not know the trainers:" + _listed(offences)

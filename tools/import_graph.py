@@ -8,6 +8,8 @@ The rules this checks (and prints under the picture):
         also import the optional data sources (tensorflow_datasets, tensorflow, torchvision).
     torch_ref, jax_impl: common and their own framework; never each other, never the bridge.
     bridge: common, torch_ref and jax_impl (the only package that sees both).
+    Everywhere: no import cycles, and no module imports a command (`train`, `evaluate`): the
+        command line imports, nothing imports the command line.
 
 The imports are read with `ast`, never by importing the code: reading a module must not import
 torch or jax (slow, and absent where only one framework is installed), and a lazy import inside
@@ -41,6 +43,8 @@ BRIDGE_LAYER = 2
 TORCH_FAMILY = frozenset({"torch", "torchvision", "torchaudio"})
 JAX_FAMILY = frozenset({"jax", "jaxlib", "flax", "optax", "chex"})
 COMMON_THIRD_PARTY = frozenset({"numpy", "tqdm", "matplotlib"})
+# The modules users run (python -m <package>.train, .evaluate): they import, nothing imports them.
+COMMAND_MODULES = frozenset({"train", "evaluate"})
 # The one exception: common.sources imports the optional data sources' packages, when a run names them.
 DATA_SOURCE_MODULE = "common.sources"
 DATA_SOURCE_PACKAGES = frozenset({"tensorflow_datasets", "tensorflow", "importlib_resources", "torchvision"})
@@ -51,6 +55,7 @@ DEFAULT_NOTES = (
     "common: numpy, the standard library, tqdm, matplotlib; no framework (common.sources: also tfds, torchvision).",
     "torch_ref, jax_impl: common and their own framework; never each other, never the bridge.",
     "bridge: common, torch_ref and jax_impl (the only package that sees both).",
+    "Everywhere: no import cycles; nothing imports a command (train, evaluate).",
 )
 
 
@@ -199,7 +204,64 @@ def find_violations(internal: Mapping[str, set[str]], third_party: Mapping[str, 
                 found.append(Violation(module, name, f"common imports only {', '.join(sorted(COMMON_THIRD_PARTY))}"))
             elif name in FORBIDDEN_THIRD_PARTY.get(source, ()):
                 found.append(Violation(module, name, f"{source} may not import {name}"))
-    return sorted(found)
+    return sorted(found + structure_violations(internal))
+
+
+def import_cycles(internal: Mapping[str, set[str]]) -> list[list[str]]:
+    """The modules of every import cycle (each a strongly connected group of two or more), sorted.
+
+    Tarjan's algorithm, iteratively: a module's imports are explored before it is closed, and a
+    module that reaches back to one still open closes with it into one group."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    open_modules: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+    for start in sorted(internal):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(internal.get(start, ()))))]
+        index[start] = low[start] = len(index)
+        open_modules.append(start)
+        on_stack.add(start)
+        while work:
+            module, targets = work[-1]
+            target = next(targets, None)
+            if target is not None:
+                if target not in index:
+                    index[target] = low[target] = len(index)
+                    open_modules.append(target)
+                    on_stack.add(target)
+                    work.append((target, iter(sorted(internal.get(target, ())))))
+                elif target in on_stack:
+                    low[module] = min(low[module], index[target])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[module])
+            if low[module] == index[module]:
+                group = []
+                while True:
+                    member = open_modules.pop()
+                    on_stack.discard(member)
+                    group.append(member)
+                    if member == module:
+                        break
+                if len(group) > 1:
+                    cycles.append(sorted(group))
+    return sorted(cycles)
+
+
+def structure_violations(internal: Mapping[str, set[str]]) -> list[Violation]:
+    """Imports of a command module, and the imports that close a cycle, sorted."""
+    found = [Violation(module, target, "nothing imports a command")
+             for module, targets in internal.items() for target in targets
+             if target.rsplit(".", 1)[-1] in COMMAND_MODULES]
+    for cycle in import_cycles(internal):
+        members = set(cycle)
+        found += [Violation(module, target, "an import cycle")
+                  for module in cycle for target in internal[module] if target in members]
+    return sorted(set(found))
 
 
 def package_edges(internal: Mapping[str, set[str]]) -> Counter[tuple[str, str]]:
