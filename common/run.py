@@ -74,10 +74,9 @@ def announce(names: FrameworkNames, settings: RunSettings, facts: dict, done: in
     described = ", ".join(f"{k} {v}" for k, v in facts.items())
     start = f"resuming after epoch {done}" if done else "starting"
     seed_list = f"seeds {', '.join(map(str, seeds))}" if seeds else f"seed {settings.seed}"
-    where = settings.out.parent if seeds else settings.out
     evaluated = "; evaluated on the validation split" if settings.validation else ""
     print(f"{names.title} ({described}): recipe {recipe.name}, {epochs} epochs, batch {recipe.batch_size}, "
-          f"lr {recipe.lr}, momentum {recipe.momentum}, {seed_list}{evaluated}; {start}; run directory {where}")
+          f"lr {recipe.lr}, momentum {recipe.momentum}, {seed_list}{evaluated}; {start}; run directory {settings.out}")
 
 
 def seed_runs(settings: RunSettings, seeds: tuple[int, ...], processes: Processes) -> list[RunSettings]:
