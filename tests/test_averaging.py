@@ -49,6 +49,7 @@ def train(framework, out, data_dir, *flags) -> int:
     return framework.main(["--dry-run", "--out", str(out), "--data-dir", str(data_dir), "--threads", "1", *flags])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("average", AVERAGES)
 @pytest.mark.parametrize("framework", [JAX, TORCH], ids=["jax", "torch"])
 def test_a_run_evaluates_saves_and_resumes_its_average(framework, average, tmp_path, synthetic_dir, synthetic_mnist,

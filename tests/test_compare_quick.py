@@ -7,7 +7,11 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow  # compare.py --quick: both frameworks timed, memory probed in fresh processes
 
 VARIANTS = {"PyTorch eager", "PyTorch channels_last", "JAX step loop, fast layers", "JAX step loop, plain layers",
             "JAX lax.scan epoch"}

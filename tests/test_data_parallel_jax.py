@@ -88,6 +88,7 @@ def assert_same_state(ours, theirs, relative: float = RELATIVE) -> None:
         assert difference <= relative, (jax.tree_util.keystr(path), difference)
 
 
+@pytest.mark.slow
 def test_2_and_4_devices_take_the_steps_of_one_device(synthetic_mnist, float64):
     """The CPU's path: the step loop with the fast layers (custom gradients included)."""
     losses, state = train_20_steps(synthetic_mnist, 1, "fast")
@@ -128,6 +129,7 @@ def dry_run_state(out: Path) -> dict:
     return read_checkpoint(out / "checkpoint.msgpack")[1]["state"]
 
 
+@pytest.mark.slow
 def test_a_dry_run_on_2_processes_equals_one_on_one_device(synthetic_dir, tmp_path):
     """Two processes joined by jax.distributed (CPU collectives over gloo), each feeding its
     half of every batch, against one process on one device: the artefacts are written once, by

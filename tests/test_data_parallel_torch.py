@@ -31,6 +31,8 @@ from torch_ref.data import host_batches
 from torch_ref.train import main
 from torch_ref.training import seed_random_stream, training_loss
 
+pytestmark = pytest.mark.slow  # DDP ranks started as processes (launcher and torchrun)
+
 REPO = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
 

@@ -50,6 +50,7 @@ def test_tfds_source_gives_the_idx_examples_in_its_own_order(synthetic_tfds, syn
     assert_same_examples_in_another_order(load_source("tfds", synthetic_tfds), synthetic_mnist)
 
 
+@pytest.mark.slow
 def test_tfds_prepares_the_official_files_offline_into_the_official_examples(real_mnist_dir, real_mnist, tmp_path,
                                                                             monkeypatch):
     """tfds's MNIST builder, fed the four official .gz files (tfds checks their checksums too),

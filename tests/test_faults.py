@@ -332,6 +332,7 @@ def _train_command(framework, out: Path, synthetic_dir: Path, *extra: str) -> li
             "--threads", "1", "--data-dir", str(synthetic_dir), *extra, "--out", str(out)]
 
 
+@pytest.mark.slow
 @FRAMEWORKS
 def test_sigkill_during_epoch_2_then_resume_equals_the_uninterrupted_run(framework, synthetic_dir, tmp_path):
     environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}

@@ -107,6 +107,7 @@ def test_device_augmentation_is_bit_identical_to_the_core(synthetic_mnist):
     np.testing.assert_array_equal(np.asarray(augment.normalize(device)), core_normalize(expected))
 
 
+@pytest.mark.slow
 def test_scan_epoch_and_step_loop_train_the_same(synthetic_mnist):
     """The two epoch functions see the same batches, draws and masks. In float64 (weights and
     statistics; the inputs are exact float32 values) they differ only by the order of float
@@ -288,6 +289,7 @@ def test_help_equals_torch_ref_word_for_word():
     assert general(ours, jax_impl.train) == general(help_text("torch_ref.train"), torch_ref.train)
 
 
+@pytest.mark.slow
 def test_vmapped_seeds_follow_each_single_run(synthetic_dir, tmp_path):
     """The seeds as one vmapped program (what --seeds does on an accelerator; here forced on the
     CPU) against each seed's run alone: a dry run of two seeds, float64, so that only the

@@ -20,6 +20,8 @@ import pytest
 from tests.conftest import REPO_ROOT
 from tests.parity.mutations import ENVIRONMENT_VARIABLE, MUTATIONS
 
+pytestmark = pytest.mark.slow  # a fresh process per mistake
+
 CAUGHT_BY = {
     "recalibration_with_training_momentum":
         "tests/parity/test_recalibration.py::test_jax_recalibration_equals_pytorchs[float64-plain]",

@@ -17,6 +17,8 @@ import pytest
 from common.metrics import read_metrics
 from tests.frameworks import JAX, TORCH
 
+pytestmark = pytest.mark.slow  # an epoch of real MNIST per framework
+
 
 @pytest.mark.parametrize("framework", [TORCH, JAX], ids=["torch", "jax"])
 def test_one_epoch_on_the_real_files_reaches_97_5_percent(framework, real_mnist_dir, tmp_path, capsys):

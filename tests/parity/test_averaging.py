@@ -115,6 +115,7 @@ def train_both(data, kind: str):
     return state, averaged
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ema", "swa"])
 def test_averaged_weights_after_training_steps_match(kind, synthetic_mnist, float64):
     state, averaged = train_both(synthetic_mnist, kind)

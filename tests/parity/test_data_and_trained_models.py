@@ -67,6 +67,7 @@ def torch_checkpoint(tmp_path_factory, synthetic_dir) -> Path:
     return out / "checkpoint.pt"
 
 
+@pytest.mark.slow
 def test_trained_models_predict_the_same_in_the_other_framework(tmp_path, synthetic_dir, synthetic_mnist, capsys, ops,
                                                                torch_checkpoint):
     """A model trained by either framework, converted to the other, gives the same predictions

@@ -103,6 +103,7 @@ def relative_errors(ours, theirs):
     return {k: float(np.linalg.norm(ours[k] - v) / np.linalg.norm(v)) for k, v in theirs.items()}
 
 
+@pytest.mark.slow
 def test_100_steps_in_float64_agree_within_1e_9(synthetic_mnist, float64, layers):
     ours, theirs, jax_losses, torch_losses = run_both(synthetic_mnist, torch.float64, jnp.float64, layers)
     np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-9)
@@ -110,6 +111,7 @@ def test_100_steps_in_float64_agree_within_1e_9(synthetic_mnist, float64, layers
         np.testing.assert_allclose(ours[key], value, rtol=1e-9, atol=1e-12 * np.abs(value).max(), err_msg=key)
 
 
+@pytest.mark.slow
 def test_jax_on_2_devices_takes_pytorchs_100_steps_on_the_whole_batch(synthetic_mnist, float64):
     """Data parallelism across frameworks: JAX's batch split over 2 devices (global-batch
     BatchNorm, gradients summed over the devices) against PyTorch's single process, at the
@@ -122,6 +124,7 @@ def test_jax_on_2_devices_takes_pytorchs_100_steps_on_the_whole_batch(synthetic_
         np.testing.assert_allclose(ours[key], value, rtol=1e-9, atol=1e-12 * np.abs(value).max(), err_msg=key)
 
 
+@pytest.mark.slow
 def test_100_steps_in_float32_drift_is_bounded(synthetic_mnist, capsys, layers):
     ours, theirs, jax_losses, torch_losses = run_both(synthetic_mnist, torch.float32, jnp.float32, layers)
     errors = relative_errors(ours, theirs)
