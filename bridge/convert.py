@@ -1,7 +1,8 @@
 """Weights between PyTorch and Flax, both ways: the bridge between torch_ref and jax_impl.
 
-Every PyTorch key maps to one Flax path and one layout change, in `flax_path`; a missing,
-extra or misshaped key is an error that names it, never a silent reshape. This package is the
+Every PyTorch key maps to one Flax path and one layout change by the rules of bridge.mapping,
+the same that `python -m bridge.diff` applies to any model pair; a missing, extra or misshaped
+key is an error that names it, never a silent reshape. This package is the
 only one that imports both frameworks, so that torch_ref and jax_impl stand side by side on
 common and neither imports the other.
 
@@ -14,6 +15,7 @@ of the other, which `python -m torch_ref.evaluate` or `python -m jax_impl.evalua
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import sys
 from collections.abc import Mapping
@@ -25,98 +27,40 @@ import numpy as np
 import torch
 from flax import serialization
 
+from bridge.mapping import WeightMap, flatten, weight_map
 from common.errors import CheckpointError, UserFacingError
 from common.files import atomic_write_bytes
 from jax_impl.checkpoints import read_checkpoint
 from jax_impl.checkpoints import read_weights as read_flax_weights
 from jax_impl.model import Net
 from torch_ref.checkpoints import read_weights as read_torch_weights
-
-CONV_TO_FLAX = (2, 3, 1, 0)  # OIHW -> HWIO
-CONV_TO_TORCH = (3, 2, 0, 1)  # HWIO -> OIHW
-BATCHNORM_KEYS = {"weight": ("params", "scale"), "bias": ("params", "bias"),
-                  "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
-UNUSED_TORCH_KEY = "num_batches_tracked"  # counts BatchNorm calls; unused with momentum 0.1
+from torch_ref.model import Net as TorchNet
 
 
-class ConversionError(UserFacingError):
-    """Weights that do not fit the model; the message names the offending key."""
+@functools.cache
+def project_map() -> WeightMap:
+    """torch_ref's Net paired with jax_impl's, by bridge.mapping's rules (the harness's own)."""
+    return weight_map(TorchNet(), reference_shapes())
 
 
-def flax_path(torch_key: str) -> tuple[str, str, str]:
-    """(collection, module, variable) of a PyTorch state_dict key, e.g. conv1.weight ->
-    ("params", "conv1", "kernel"); bn1.running_var -> ("batch_stats", "bn1", "var")."""
-    module, _, name = torch_key.partition(".")
-    if module.startswith("conv") and name == "weight":
-        return "params", module, "kernel"
-    if module.startswith("bn") and name in BATCHNORM_KEYS:
-        collection, variable = BATCHNORM_KEYS[name]
-        return collection, module, variable
-    raise ConversionError(f"unexpected PyTorch key {torch_key!r}: the model has no such weight")
-
-
-def reference_shapes() -> dict[tuple[str, str, str], tuple[int, ...]]:
+def reference_shapes() -> dict[tuple[str, ...], tuple[int, ...]]:
     """Shape of every Flax variable of the model, by (collection, module, variable)."""
     variables = jax.eval_shape(lambda: Net().init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False))
-    return {(collection, module, name): tuple(leaf.shape)
-            for collection, modules in variables.items()
-            for module, leaves in modules.items() for name, leaf in leaves.items()}
+    return {path: tuple(leaf.shape) for path, leaf in flatten(variables).items()}
 
 
 def torch_to_flax(state_dict: Mapping[str, np.ndarray]) -> dict:
     """A PyTorch state_dict (arrays) -> Flax variables {"params": ..., "batch_stats": ...}."""
-    expected = reference_shapes()
-    variables: dict = {"params": {}, "batch_stats": {}}
-    for key, value in state_dict.items():
-        if key.endswith("." + UNUSED_TORCH_KEY):
-            if np.asarray(value).shape != ():
-                raise ConversionError(f"{key}: expected a scalar count, got shape {np.shape(value)}")
-            continue
-        path = flax_path(key)
-        array = np.asarray(value)
-        if path[2] == "kernel":
-            if array.ndim != 4:
-                raise ConversionError(f"{key}: expected a 4-D OIHW kernel, got shape {array.shape}")
-            array = array.transpose(CONV_TO_FLAX)
-        if path not in expected:
-            raise ConversionError(f"unexpected PyTorch key {key!r}: the model has no such weight")
-        if array.shape != expected[path]:
-            want = expected[path] if path[2] != "kernel" else tuple(expected[path][i] for i in CONV_TO_TORCH)
-            raise ConversionError(f"{key}: shape {np.shape(value)}, the model needs {want}")
-        variables[path[0]].setdefault(path[1], {})[path[2]] = array
-    missing = [_torch_key(path) for path in expected if path[2] not in variables[path[0]].get(path[1], {})]
-    if missing:
-        raise ConversionError(f"missing PyTorch key(s): {', '.join(sorted(missing))}")
-    return variables
+    return project_map().to_flax(state_dict)
 
 
 def flax_to_torch(variables: Mapping, num_batches_tracked: int = 0) -> dict[str, np.ndarray]:
     """Flax variables -> a PyTorch state_dict of NumPy arrays (strict=True-loadable by Net)."""
-    expected = reference_shapes()
-    state_dict: dict[str, np.ndarray] = {}
-    for path, shape in expected.items():
-        collection, module, name = path
-        try:
-            array = np.asarray(variables[collection][module][name])
-        except KeyError:
-            raise ConversionError(f"missing Flax variable {'/'.join(path)}") from None
-        if array.shape != shape:
-            raise ConversionError(f"Flax variable {'/'.join(path)}: shape {array.shape}, the model needs {shape}")
-        state_dict[_torch_key(path)] = array.transpose(CONV_TO_TORCH) if name == "kernel" else array
-    extra = [f"{c}/{m}/{n}" for c, modules in variables.items() for m, leaves in modules.items()
-             for n in leaves if (c, m, n) not in expected]
-    if extra:
-        raise ConversionError(f"unexpected Flax variable(s): {', '.join(extra)}")
-    for module in sorted({m for _, m, _ in expected if m.startswith("bn")}):
-        state_dict[f"{module}.{UNUSED_TORCH_KEY}"] = np.asarray(num_batches_tracked, np.int64)
+    mapping = project_map()
+    state_dict = mapping.to_torch(variables)
+    for key in mapping.skipped:
+        state_dict[key] = np.asarray(num_batches_tracked, np.int64)
     return state_dict
-
-
-def _torch_key(path: tuple[str, str, str]) -> str:
-    collection, module, name = path
-    if name == "kernel":
-        return f"{module}.weight"
-    return next(f"{module}.{key}" for key, target in BATCHNORM_KEYS.items() if target == (collection, name))
 
 
 def write_torch_weights(path: Path, state_dict: Mapping[str, np.ndarray]) -> None:

@@ -83,10 +83,9 @@ def channel_wise_dropout() -> None:
 
 def kernel_transposed_wrong() -> None:
     """OIHW -> WHIO (all axes reversed) instead of OIHW -> HWIO: same shape for 3x3 kernels."""
-    from bridge import convert
+    from bridge import mapping
 
-    convert.CONV_TO_FLAX = (3, 2, 1, 0)
-    convert.CONV_TO_TORCH = (3, 2, 1, 0)
+    mapping.kernel_axes = lambda ndim: tuple(reversed(range(ndim)))
 
 
 def steplr_per_step() -> None:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from bridge.convert import ConversionError, flax_path, flax_to_torch, torch_to_flax
+from bridge.convert import flax_to_torch, project_map, torch_to_flax
+from bridge.mapping import MappingError
 from common.spec import LAYER_TABLE, TOTAL_PARAMS
 from jax_impl.model import Net as FlaxNet
 from jax_impl.summary import layer_rows as flax_rows
@@ -52,9 +53,11 @@ def test_round_trip_is_exact_and_loads_strictly():
 
 
 def test_paths_name_layer_and_collection():
-    assert flax_path("conv4.weight") == ("params", "conv4", "kernel")
-    assert flax_path("bn2.running_var") == ("batch_stats", "bn2", "var")
-    assert flax_path("bn2.weight") == ("params", "bn2", "scale")
+    paths = {pair.torch_key: pair.flax_path for pair in project_map().pairs}
+    assert paths["conv4.weight"] == ("params", "conv4", "kernel")
+    assert paths["bn2.running_var"] == ("batch_stats", "bn2", "var")
+    assert paths["bn2.weight"] == ("params", "bn2", "scale")
+    assert project_map().skipped == tuple(f"bn{i}.num_batches_tracked" for i in range(1, 6))
 
 
 def state_dict():
@@ -64,43 +67,43 @@ def state_dict():
 def test_missing_key_is_named():
     weights = state_dict()
     del weights["bn3.running_mean"]
-    with pytest.raises(ConversionError, match=r"missing PyTorch key\(s\): bn3.running_mean"):
+    with pytest.raises(MappingError, match=r"missing PyTorch key\(s\): bn3.running_mean"):
         torch_to_flax(weights)
 
 
 def test_extra_key_is_named():
     weights = state_dict() | {"fc.weight": np.zeros((10, 10))}
-    with pytest.raises(ConversionError, match="unexpected PyTorch key 'fc.weight'"):
+    with pytest.raises(MappingError, match=r"unexpected PyTorch key\(s\) 'fc.weight'"):
         torch_to_flax(weights)
     weights = state_dict() | {"conv7.weight": np.zeros((1, 1, 3, 3))}
-    with pytest.raises(ConversionError, match="unexpected PyTorch key 'conv7.weight'"):
+    with pytest.raises(MappingError, match=r"unexpected PyTorch key\(s\) 'conv7.weight'"):
         torch_to_flax(weights)
 
 
 def test_misshaped_key_is_named_and_never_reshaped():
     weights = state_dict()
     weights["conv2.weight"] = weights["conv2.weight"].transpose(1, 0, 2, 3)  # OIHW -> IOHW mistake
-    with pytest.raises(ConversionError, match=r"conv2.weight: shape \(8, 16, 3, 3\), the model needs \(16, 8, 3, 3\)"):
+    with pytest.raises(MappingError, match=r"conv2.weight: shape \(8, 16, 3, 3\), the model needs \(16, 8, 3, 3\)"):
         torch_to_flax(weights)
     weights = state_dict()
     weights["bn1.weight"] = np.zeros(16)
-    with pytest.raises(ConversionError, match=r"bn1.weight: shape \(16,\), the model needs \(8,\)"):
+    with pytest.raises(MappingError, match=r"bn1.weight: shape \(16,\), the model needs \(8,\)"):
         torch_to_flax(weights)
 
 
 def test_flax_side_errors_name_the_variable():
     variables = torch_to_flax(state_dict())
     del variables["batch_stats"]["bn5"]["var"]
-    with pytest.raises(ConversionError, match="missing Flax variable batch_stats/bn5/var"):
+    with pytest.raises(MappingError, match="missing Flax variable batch_stats/bn5/var"):
         flax_to_torch(variables)
     variables = torch_to_flax(state_dict())
     variables["params"]["conv1"]["bias"] = np.zeros(8)
-    with pytest.raises(ConversionError, match="unexpected Flax variable.*params/conv1/bias"):
+    with pytest.raises(MappingError, match="unexpected Flax variable.*params/conv1/bias"):
         flax_to_torch(variables)
 
 
 def test_num_batches_tracked_must_be_a_scalar():
     weights = state_dict()
     weights["bn1.num_batches_tracked"] = np.zeros(3)
-    with pytest.raises(ConversionError, match="bn1.num_batches_tracked: expected a scalar"):
+    with pytest.raises(MappingError, match="bn1.num_batches_tracked: expected a scalar"):
         torch_to_flax(weights)
