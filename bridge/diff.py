@@ -54,13 +54,25 @@ def compare(torch_model: torch.nn.Module, flax_module: nn.Module, input_shape: S
     model = copy.deepcopy(torch_model).to(DTYPES[dtype][0])
     randomised_statistics(model, seed)
     images = np.random.default_rng(seed).standard_normal((batch, *input_shape))
+    try:
+        with torch.no_grad():
+            model.eval()(torch.as_tensor(images, dtype=DTYPES[dtype][0]))
+    except Exception as error:  # the user's model: whatever it raises, the input does not suit it
+        raise UserFacingError(f"the PyTorch model cannot run on inputs of shape {images.shape} "
+                              f"({type(error).__name__}: {error}); check --input-shape") from None
     keyword, in_training = mode
     report = Report(dtype)
     contexts: dict = {}
     with precision(dtype):
         flax_input = jnp.asarray(channels_last(images), DTYPES[dtype][1])
-        shapes = jax.eval_shape(lambda: flax_module.init({"params": jax.random.key(seed), "dropout": jax.random.key(0)},
-                                                          flax_input, **{keyword: not in_training}))
+        try:
+            shapes = jax.eval_shape(lambda: flax_module.init({"params": jax.random.key(seed),
+                                                              "dropout": jax.random.key(0)},
+                                                             flax_input, **{keyword: not in_training}))
+        except Exception as error:  # the user's module: any error it raises means the same to them
+            raise UserFacingError(f"the Flax module cannot be initialised on inputs of shape {flax_input.shape} "
+                                  f"with {keyword}={not in_training} ({type(error).__name__}: {error}); check "
+                                  "--input-shape and --mode") from None
         mapping = weight_map(model, {path: tuple(leaf.shape) for path, leaf in flatten(shapes).items()}, overrides)
         state = {key: value.detach().clone() for key, value in model.state_dict().items()}
         variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, DTYPES[dtype][1]),
@@ -103,6 +115,15 @@ def load_callable(spec: str) -> Callable:
     if not callable(target):
         raise UserFacingError(f"{spec} is not callable")
     return target
+
+
+def build(spec: str) -> object:
+    """Call the `package.module:callable` that builds a model."""
+    factory = load_callable(spec)
+    try:
+        return factory()
+    except Exception as error:  # the user's code: whatever it raises, the fix is theirs
+        raise UserFacingError(f"{spec}() raised {type(error).__name__}: {error}") from None
 
 
 def _input_shape(text: str) -> tuple[int, ...]:
@@ -160,8 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = read_overrides(args.map) if args.map else None
         torch.manual_seed(args.seed)
-        torch_model = load_callable(args.torch)()
-        flax_module = load_callable(args.flax)()
+        torch_model, flax_module = build(args.torch), build(args.flax)
         if not isinstance(torch_model, torch.nn.Module) or not isinstance(flax_module, nn.Module):
             raise UserFacingError(f"{args.torch} must return a torch.nn.Module and {args.flax} a Flax linen module; "
                                   f"got {type(torch_model).__name__} and {type(flax_module).__name__}")
@@ -172,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(report.summary())
     if args.json:
-        args.json.write_text(json.dumps(report.to_json(), indent=1, allow_nan=False) + "\n")
+        try:
+            args.json.write_text(json.dumps(report.to_json(), indent=1, allow_nan=False) + "\n")
+        except OSError as error:
+            print(f"error: cannot write --json {args.json}: {error.strerror or error}", file=sys.stderr)
+            return 2
     return 0 if report.equal else 1
 
 

@@ -84,9 +84,7 @@ def test_the_command_line_exits_0_1_2_and_writes_json(tmp_path, capsys):
     assert report["equal"] and report["dtype"] == "float64" and report["first_divergence"] is None
     assert set(report["checks"][0]) == {"stage", "torch", "flax", "rel", "tolerance", "ok"}
 
-    wrong = ["tests.porting_models:TorchResidual", "tests.porting_models:FlaxResidual", "--input-shape", "3,12,12",
-             "--dtype", "float32"]
-    assert main(wrong) == 0  # the correct port, in float32
+    wrong = ["tests.porting_models:TorchResidual", "tests.porting_models:FlaxResidual", "--input-shape", "3,12,12"]
     mistaken = tmp_path / "mistake.py"
     mistaken.write_text("from tests.porting_models import FlaxResidual\n"
                         "def port():\n    return FlaxResidual(mistake='flatten_order')\n")
@@ -140,6 +138,12 @@ def test_usage_errors_exit_2(capsys):
     assert "cannot import nowhere.module" in capsys.readouterr().err
     assert main(["torch_ref.model", "jax_impl.model:Net", "--input-shape", "1,28,28"]) == 2
     assert "write package.module:callable" in capsys.readouterr().err
+    assert main(["torch_ref.model:Net", "jax_impl.model:Net", "--input-shape", "1,4,4"]) == 2
+    assert "the PyTorch model cannot run on inputs of shape (8, 1, 4, 4)" in capsys.readouterr().err
+    assert main(["torch_ref.model:Net", "tests.porting_models:FlaxMlp", "--input-shape", "1,28,28"]) == 2
+    assert "the Flax module cannot be initialised on inputs of shape (8, 28, 28, 1)" in capsys.readouterr().err
+    assert main(["torch_ref.model:Net", "tests.porting_models:MISTAKES", "--input-shape", "1,28,28"]) == 2
+    assert "tests.porting_models:MISTAKES is not callable" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         main(["torch_ref.model:Net", "jax_impl.model:Net", "--input-shape", "1,x"])
     assert exit_.value.code == 2
