@@ -22,8 +22,8 @@ from bridge.report import STAGES, Check, Report, relative_difference
 OUTPUT = "(output)"  # how reports name the whole model's output
 LEARNING_RATE, MOMENTUM = 0.1, 0.9
 # Each program here is compiled once and run once on a few inputs, so compiling is nearly all its
-# cost: LLVM's optimisation of the machine code (not XLA's own passes) is turned off, which takes
-# ~40% off a check of the Session 6 model and changes results only within rounding.
+# cost: LLVM's optimisation of the machine code (not XLA's own passes) is turned off, which
+# changes results only within rounding (the saving: docs/development.md).
 COMPILE_FAST = {"xla_backend_optimization_level": 0}
 
 
