@@ -107,10 +107,10 @@ def _flax_deterministic(module: nn.Dropout, args: tuple, kwargs: dict) -> bool |
 
 
 @contextlib.contextmanager
-def flax_calls(draws: DropoutDraws | None, record: bool = True) -> Iterator[list[Call]]:
-    """Record every linen module call inside the block, with its array arguments (not when traced
-    for a gradient: `record=False`); in training its nn.Dropout layers (and subclasses) apply
-    `draws`. Under `jax.jit` the recorded arrays are tracers, for the jitted function to return."""
+def flax_calls(draws: DropoutDraws | None) -> Iterator[list[Call]]:
+    """Record every linen module call inside the block, with its array arguments; in training its
+    nn.Dropout layers (and subclasses) apply `draws`. Under `jax.jit` the recorded arrays are
+    tracers, for the jitted function to return."""
     calls: list[Call] = []
     dropout_calls = [0]
 
@@ -128,9 +128,8 @@ def flax_calls(draws: DropoutDraws | None, record: bool = True) -> Iterator[list
             output = jnp.where(keep, x / (1 - module.rate), jnp.zeros_like(x))
         else:
             output = next_fun(*args, **kwargs)
-        if record:
-            calls.append(Call("/".join(module.path), module, tuple(a for a in args if isinstance(a, jax.Array)),
-                              output))
+        calls.append(Call("/".join(module.path), module, tuple(a for a in args if isinstance(a, jax.Array)),
+                          output))
         return output
 
     with nn.intercept_methods(interceptor):
