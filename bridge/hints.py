@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from bridge.capture import TORCH_DROPOUT_SHARED_AXES
+from bridge.mapping import NORMALISATIONS
 
-NORMALISATIONS = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)
 EXPLAINED = 1e-6  # a hypothesis explains a difference if it leaves this much of it, relative
 
 

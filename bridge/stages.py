@@ -16,7 +16,7 @@ from flax import linen as nn
 
 from bridge.capture import Call, DropoutDraws, channels_last, flax_calls, torch_calls
 from bridge.hints import Divergence
-from bridge.mapping import WeightMap, flatten, flax_module_candidates
+from bridge.mapping import NORMALISATIONS, WeightMap, flatten, flax_module_candidates
 from bridge.report import STAGES, Check, Report, relative_difference
 
 OUTPUT = "(output)"  # how reports name the whole model's output
@@ -76,8 +76,7 @@ def randomised_statistics(model: torch.nn.Module, seed: int) -> None:
         for module in model.modules():
             for name, scale, offset in (("weight", 0.3, 1.0), ("bias", 0.3, 0.0)):
                 tensor = getattr(module, name, None)
-                if isinstance(module, torch.nn.modules.batchnorm._NormBase | torch.nn.LayerNorm | torch.nn.GroupNorm) \
-                        and tensor is not None:
+                if isinstance(module, NORMALISATIONS) and tensor is not None:
                     tensor.copy_(offset + scale * torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype))
             if getattr(module, "running_mean", None) is not None:
                 module.running_mean.copy_(0.5 * torch.randn(module.running_mean.shape, generator=generator,
