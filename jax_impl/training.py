@@ -53,7 +53,9 @@ def create_train_state(model: Net, tx: optax.GradientTransformation, seed: int,
     """`model`'s fresh weights (PyTorch's initial distributions), `tx`'s empty optimiser state,
     and the seed's dropout key: the seed's root key splits into the two."""
     init_key, dropout_key = jax.random.split(jax.random.key(seed))
-    variables = model.init(init_key, jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1), jnp.float32), train=False)
+    # One program rather than op by op: eagerly, each initialiser's random ops compile on their own.
+    initialise = jax.jit(model.init, static_argnames="train")
+    variables = initialise(init_key, jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1), jnp.float32), train=False)
     state = TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
