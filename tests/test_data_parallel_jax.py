@@ -134,8 +134,10 @@ def test_a_dry_run_on_2_processes_equals_one_on_one_device(synthetic_dir, tmp_pa
     """Two processes joined by jax.distributed (CPU collectives over gloo), each feeding its
     half of every batch, against one process on one device: the artefacts are written once, by
     process 0, and hold the same weights. Both run the trainer with its state in float64
-    (tests/float64_jax_train.py), held to the module's bound."""
-    common = ["--dry-run", "--data-dir", str(synthetic_dir), "--device", "cpu"]
+    (tests/float64_jax_train.py), held to the module's bound. With the plain layers, which
+    `--ops auto` picks on the accelerators that multi-process runs are for (the fast layers'
+    sharding is the same and is tested on several devices of one process above)."""
+    common = ["--dry-run", "--ops", "plain", "--data-dir", str(synthetic_dir), "--device", "cpu"]
     assert float64_main([*common, "--out", str(tmp_path / "one-device")]) == 0
 
     port = 12000 + os.getpid() % 20000

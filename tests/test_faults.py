@@ -6,7 +6,9 @@ concerned, and a SIGKILL in the middle of an epoch for each."""
 from __future__ import annotations
 
 import errno
+import functools
 import importlib.util
+import inspect
 import json
 import os
 import signal
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import mnist
+from common import download, mnist
 from common.checkpoints import sealed_meta
 from tests.conftest import REPO_ROOT
 from tests.frameworks import JAX, TORCH
@@ -119,7 +121,7 @@ def test_resume_refuses_to_change_dry_run(framework, finished_runs, synthetic_di
     assert status == 2 and "the checkpoint is from a dry run" in err
     assert snapshot(dry) == before
     full = tmp_path / "full"
-    assert framework.main(["--epochs", "1", "--batch-size", "256", "--data-dir", str(synthetic_dir),
+    assert framework.main(["--epochs", "1", "--batch-size", "128", "--data-dir", str(synthetic_dir),
                             "--out", str(full)]) == 0
     capsys.readouterr()
     before = snapshot(full)
@@ -315,12 +317,18 @@ def silent_server():
 
 
 def test_a_mirror_that_never_answers_costs_seconds_not_minutes(silent_server, tmp_path, monkeypatch, capsys):
+    """The wait is bounded by download_verified's timeout: its default is seconds, and here a
+    shorter one shows that the bound holds on the way load_mnist downloads."""
+    default_timeout = inspect.signature(download.download_verified).parameters["timeout"].default
+    assert 0 < default_timeout <= 30
     monkeypatch.setattr(mnist, "MIRRORS", (silent_server,))
+    monkeypatch.setattr(mnist, "download_verified", functools.partial(download.download_verified, timeout=1.0))
     started = time.monotonic()
     with pytest.raises(mnist.DataError, match="could not be downloaded"):
         mnist.load_mnist(tmp_path / "data")
-    assert time.monotonic() - started < 15
-    assert f"downloading {silent_server}" in capsys.readouterr().err
+    assert time.monotonic() - started < 5  # one 1-second wait, plus the test's own start-up
+    err = capsys.readouterr().err
+    assert f"downloading {silent_server}" in err and "(waiting at most 1 s for an answer)" in err
     assert not any((tmp_path / "data").iterdir())
 
 
