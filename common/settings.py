@@ -64,11 +64,14 @@ def settings_from_args(names: FrameworkNames, args: argparse.Namespace, resumed_
     if args.seeds and (args.resume or args.seed is not None):
         raise UserFacingError("--seeds trains new runs: it cannot be combined with --seed or --resume "
                               "(resume one seed's directory on its own).")
+    if args.out == "":
+        raise UserFacingError("--out is empty: name a directory for the run, or leave --out out for the default.")
     overrides = {name: getattr(args, name) for name in RECIPE_FLAGS}
     options = {name: getattr(args, name) for name in RUN_FLAGS}
     options["data_dir"] = resolve_data_dir(args.data_dir)
     if resumed_meta is None:
         recipe = get_recipe(args.recipe or DEFAULT_RECIPE).with_overrides(**overrides)
+        refuse_unused_averaging_flags(args, recipe)
         seed = args.seed if args.seed is not None else 0
         out = Path(args.out) if args.out else default_out(names.name, recipe, args.seeds or seed, args.dry_run)
         if writes:
@@ -100,6 +103,16 @@ def settings_from_args(names: FrameworkNames, args: argparse.Namespace, resumed_
     if writes and out.resolve() != run_dir.resolve():
         refuse_to_overwrite(out)
     return RunSettings(recipe=recipe, seed=saved["seed"], data_source=current["data_source"], out=out, **options)
+
+
+def refuse_unused_averaging_flags(args: argparse.Namespace, recipe: Recipe) -> None:
+    """A flag of one kind of weight averaging, on a run that averages otherwise, would change
+    nothing: say so rather than train a run that silently ignores it."""
+    for flag, kind in (("ema_decay", "ema"), ("swa_start", "swa")):
+        if getattr(args, flag) is not None and recipe.average != kind:
+            raise UserFacingError(
+                f"--{flag.replace('_', '-')} applies to --average {kind}, and this run averages "
+                f"{recipe.average!r} (recipe {recipe.name}): add --average {kind}, or drop the flag.")
 
 
 def refuse_to_overwrite(out: Path) -> None:

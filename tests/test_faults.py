@@ -95,6 +95,25 @@ def test_out_or_data_dir_that_is_a_file_is_refused(framework, synthetic_dir, tmp
     assert a_file.read_text() == "not a directory" and not (tmp_path / "run").exists()
 
 
+UNUSED_FLAGS = {
+    "empty --out": (["--out", ""], "--out is empty"),
+    "--ema-decay without EMA": (["--ema-decay", "0.99"], "--ema-decay applies to --average ema"),
+    "--swa-start with EMA": (["--average", "ema", "--swa-start", "3"], "--swa-start applies to --average swa"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNUSED_FLAGS))
+@FRAMEWORKS
+def test_a_flag_that_would_change_nothing_is_refused(framework, case, synthetic_dir, tmp_path, monkeypatch, capsys):
+    """An empty --out (which would mean the default), or a flag of the other kind of averaging:
+    refused before anything is written, rather than ignored."""
+    monkeypatch.chdir(tmp_path)  # the default --out is relative: nothing may appear here
+    flags, expected = UNUSED_FLAGS[case]
+    status, err = run(framework, ["--dry-run", "--data-dir", str(synthetic_dir), *flags], capsys)
+    assert status == 2 and expected in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())
+
+
 def test_batch_larger_than_the_training_set_is_refused(synthetic_dir, tmp_path, capsys):
     status, err = run(JAX, ["--dry-run", "--batch-size", "100000", "--data-dir", str(synthetic_dir),
                             "--out", str(tmp_path / "run")], capsys)
