@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -106,6 +107,7 @@ def _from_tfds(root: Path, download: bool) -> Mnist:
     """tfds's prepared MNIST, prepared first (offline, from the official files) if tfds has none.
     Read from `root` when it is a tfds data directory, else from tfds's own ($TFDS_DATA_DIR,
     default ~/tensorflow_datasets), as tfds.load does."""
+    tfds_dir = _tfds_data_dir(root)  # before TensorFlow's import, which takes seconds
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
     with _optional_package("tfds"):
         import importlib_resources  # noqa: F401  (tfds 4.9 prepares datasets with it, yet does not require it)
@@ -113,15 +115,60 @@ def _from_tfds(root: Path, download: bool) -> Mnist:
         import tensorflow_datasets as tfds
     # TensorFlow only reads files here; left alone it would reserve the GPU memory JAX or PyTorch needs.
     tf.config.set_visible_devices([], "GPU")
-    # dataset_info.json, not the folder alone: on macOS and Windows torchvision's MNIST/ is also mnist/.
-    is_tfds_dir = any(root.glob("mnist/*/dataset_info.json"))
-    tfds_dir = root if is_tfds_dir else os.environ.get(TFDS_DATA_DIR_ENV)
-    builder = tfds.builder("mnist", data_dir=tfds_dir)
+    builder = _tfds_builder(tfds, tfds_dir)
     if not builder.is_prepared():
         _prepare_tfds_offline(tfds, builder, root, download)
-    train, test = [tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1)) for split in ("train", "test")]
+    return _read_prepared_tfds(tf, tfds, builder)
+
+
+def _tfds_builder(tfds: ModuleType, tfds_dir: Path | None):
+    """tfds's MNIST builder, which reads the prepared copy's dataset_info.json where there is one;
+    a corrupt one fails deep in protobuf, with a message that names neither the file nor the fix."""
+    from google.protobuf import json_format  # a dependency of tfds, which parses dataset_info.json with it
+
+    try:
+        return tfds.builder("mnist", data_dir=tfds_dir)
+    except (json_format.ParseError, RuntimeError) as error:
+        # tfds re-raises a UnicodeDecodeError (bytes that are not text) as a RuntimeError caused by it.
+        if isinstance(error, RuntimeError) and not isinstance(error.__cause__, UnicodeDecodeError):
+            raise
+        folder = Path(tfds_dir or tfds.core.constants.DATA_DIR) / "mnist" / str(tfds.builder_cls("mnist").VERSION)
+        raise _unreadable_tfds_copy(folder, f"its dataset_info.json: {error.__cause__ or error}") from error
+
+
+def _read_prepared_tfds(tf: ModuleType, tfds: ModuleType, builder) -> Mnist:
+    """Both splits of the prepared copy. A shard cut short within a record, cut at a record's end
+    (fewer examples than dataset_info.json counts) or missing fails in TensorFlow, whose message
+    names neither the file nor the fix."""
+    try:
+        train, test = [tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1)) for split in ("train", "test")]
+    except (tf.errors.DataLossError, tf.errors.FailedPreconditionError, tf.errors.NotFoundError) as error:
+        cause = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", error.message).strip()  # less TensorFlow's op and device
+        raise _unreadable_tfds_copy(Path(builder.data_dir), f"{type(error).__name__}: {cause}") from error
     return Mnist(train["image"][..., 0], train["label"].astype(np.uint8),
                  test["image"][..., 0], test["label"].astype(np.uint8))
+
+
+def _tfds_data_dir(root: Path) -> Path | None:
+    """The tfds data directory to read: `root` when it is one, else $TFDS_DATA_DIR (None: tfds's
+    default). A $TFDS_DATA_DIR that is a file is refused here: tfds would fail only deep in its
+    preparation, on a NotADirectoryError that does not name the variable."""
+    # dataset_info.json, not the folder alone: on macOS and Windows torchvision's MNIST/ is also mnist/.
+    if any(root.glob("mnist/*/dataset_info.json")):
+        return root
+    value = os.environ.get(TFDS_DATA_DIR_ENV)
+    if value and Path(value).exists() and not Path(value).is_dir():
+        raise DataError(f"${TFDS_DATA_DIR_ENV} is {value}, which is a file, not a directory: tfds keeps its "
+                        f"prepared datasets there (--data-dir {root} holds no prepared mnist/). Point "
+                        f"{TFDS_DATA_DIR_ENV} at a directory, or unset it for ~/tensorflow_datasets; or use "
+                        "--data-source idx.")
+    return Path(value) if value else None
+
+
+def _unreadable_tfds_copy(folder: Path, cause: str) -> DataError:
+    """The prepared copy is the user's: they, not this project, decide to delete it."""
+    return DataError(f"tfds's prepared MNIST in {folder} cannot be read ({cause}): delete {folder} to have it "
+                     "prepared again from the official files, or use --data-source idx.")
 
 
 def _prepare_tfds_offline(tfds: ModuleType, builder, root: Path, download: bool) -> None:
