@@ -34,7 +34,8 @@ SIZE_LIMITED = ("common", "torch_ref", "jax_impl")
 TORCH = frozenset({"torch", "torchvision"})
 JAX = frozenset({"jax", "jaxlib", "flax", "optax", "chex"})
 COMMON_MAY_USE = frozenset({"numpy", "tqdm", "matplotlib"})
-DATA_SOURCES = {"common.sources": frozenset({"tensorflow_datasets", "tensorflow", "importlib_resources",
+# google: protobuf, with which tfds parses a prepared copy's dataset_info.json (its errors are caught).
+DATA_SOURCES = {"common.sources": frozenset({"tensorflow_datasets", "tensorflow", "importlib_resources", "google",
                                              "torchvision"})}
 
 
