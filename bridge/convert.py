@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 import io
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", type=Path, help="checkpoint.pt, model.pt, checkpoint.msgpack or model.msgpack")
     parser.add_argument("destination", type=Path, help="the weights file to write, of the other framework")
     args = parser.parse_args(argv)
-    if args.destination.exists():
+    if os.path.lexists(args.destination):  # unlike Path.exists, never raises: the write names a bad path
         print(f"error: {args.destination} exists; choose another name (nothing was overwritten)", file=sys.stderr)
         return 2
     try:

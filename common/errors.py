@@ -9,6 +9,10 @@ class DataError(UserFacingError):
     """MNIST files that are missing, unreadable, corrupt or not the official ones."""
 
 
+class OutputError(UserFacingError):
+    """A file or directory that cannot be written: a parent that is a file, no permission, no space."""
+
+
 class CheckpointError(UserFacingError):
     """A checkpoint that cannot be read or does not belong to the run being resumed."""
 

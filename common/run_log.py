@@ -17,12 +17,13 @@ import numpy as np
 from tqdm import tqdm
 
 from common.batching import EpochPlan
+from common.claims import DirectoryClaim
 from common.errors import TrainingDivergedError
 from common.files import atomic_write_bytes, write_json
 from common.metrics import EpochRecord, Evaluation, write_metrics
 from common.mnist import Mnist
 from common.plots import plot_curves, plot_digits
-from common.settings import FrameworkNames, RunSettings
+from common.settings import FrameworkNames, RunSettings, refuse_to_overwrite
 
 GRID_IMAGES = 32
 
@@ -53,15 +54,23 @@ def refuse_non_finite(out: Path, epoch: int, evaluated_on: str, evaluation: Eval
 class RunLog:
     """One seed's run directory: config.json, checkpoint, metrics.jsonl, plots, model file."""
 
-    def __init__(self, framework: FrameworkNames, settings: RunSettings, facts: dict, evaluation_set: EvaluationSet):
+    def __init__(self, framework: FrameworkNames, settings: RunSettings, facts: dict, evaluation_set: EvaluationSet,
+                 resumed_history: list[dict] | None = None):
+        """Claim the run directory (no other run may write there while this one does), then write
+        config.json; a resumed run's metrics are rewritten from its checkpoint's `resumed_history`."""
         self.framework, self.settings, self.evaluation_set = framework, settings, evaluation_set
+        self.devices = facts["devices"]
         self.history: list[EpochRecord] = []
-        settings.out.mkdir(parents=True, exist_ok=True)
+        self._claim = DirectoryClaim(settings.out)
+        if resumed_history is None:  # checked again now that the directory is ours: a run may have finished there
+            refuse_to_overwrite(settings.out)
         write_json(settings.out / "config.json", {**settings.to_dict(), "framework": facts, "command": sys.argv})
+        if resumed_history is not None:
+            self._resume_history(resumed_history)
 
-    def resume_history(self, history: list[dict]) -> None:
-        """The resumed checkpoint's epochs. The checkpoint is the truth: a run killed between its
-        two writes may have lost the metrics line of the checkpointed epoch, so it is rewritten."""
+    def _resume_history(self, history: list[dict]) -> None:
+        """The checkpoint is the truth: a run killed between its two writes may have lost the
+        metrics line of the checkpointed epoch, so metrics.jsonl is rewritten."""
         self.history = [EpochRecord(**record) for record in history]
         write_metrics(self.settings.out / "metrics.jsonl", self.history)
 
@@ -75,7 +84,7 @@ class RunLog:
     def end_epoch(self, record: EpochRecord, evaluation: Evaluation, checkpoint: Callable[[dict], bytes]) -> None:
         """Checkpoint first (atomically), then metrics and plots, then the console line."""
         self.history.append(record)
-        meta = {"framework": self.framework.name, "epoch": record.epoch,
+        meta = {"framework": self.framework.name, "epoch": record.epoch, "devices": self.devices,
                 "settings": self.settings.to_dict(), "history": [dataclasses.asdict(r) for r in self.history]}
         out = self.settings.out
         atomic_write_bytes(out / self.framework.checkpoint_name, checkpoint(meta))
@@ -103,6 +112,7 @@ class RunLog:
             atomic_write_bytes(out / self.framework.model_name, model)
         print(f"{self._prefix()}final {self.evaluation_set.name.lower()} accuracy {evaluation.accuracy:.2f}% "
               f"({evaluation.correct}/{len(labels)}) after epoch {len(self.history)}; artefacts in {out}")
+        self._claim.release()
 
     def _prefix(self) -> str:
         return f"[seed {self.settings.seed}] " if self.settings.out.name == f"seed{self.settings.seed}" else ""
