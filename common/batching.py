@@ -83,17 +83,20 @@ def plan_epoch(
     return EpochPlan(order, crop, angles, shifts, batch_size, augmentation.crop_size)
 
 
-def check_even_shards(batch_size: int, epoch_images: int, devices: int) -> None:
+def check_even_shards(batch_size: int, epoch_images: int | None, devices: int) -> None:
     """Every batch must split evenly over the devices: each device's mean loss then weighs its
-    images as the global batch's mean does, and no device waits on a smaller part."""
-    last = epoch_images % batch_size
+    images as the global batch's mean does, and no device waits on a smaller part. Without
+    `epoch_images` (before the data is loaded) only the batch size is checked."""
+    last = epoch_images % batch_size if epoch_images else 0
     uneven = ([f"batch size {batch_size}"] if batch_size % devices else []) + (
         [f"the epoch's last batch of {last} images"] if last % devices else [])
     if uneven:
+        divides = f"both the batch and the {epoch_images:,} training images' last batch" if epoch_images else \
+            "the batch"
         raise UserFacingError(
             f"--devices {devices}: every batch is split evenly over the devices, but {' and '.join(uneven)} "
             f"cannot be cut into {devices} equal parts. Choose a --batch-size (or number of devices) that "
-            f"divides both the batch and the {epoch_images:,} training images' last batch.")
+            f"divides {divides}.")
 
 
 def train_batches(plan: EpochPlan, images: np.ndarray, labels: np.ndarray) -> Iterator[Batch]:

@@ -47,6 +47,11 @@ def evaluate_file(functions: WeightsFunctions, path: Path, data_dir: str | None 
     at a time."""
     weights = functions.read(path)
     data = load_mnist(data_dir)
+    if recalibration_batch_size and recalibration_batch_size > len(data.train_labels):
+        raise UserFacingError(f"--recalibrate-bn {recalibration_batch_size}: a batch holds at most the "
+                              f"{len(data.train_labels):,} training images, and each image in it costs memory for "
+                              f"every layer's activations; give at most {len(data.train_labels)} (the default: "
+                              f"{RECALIBRATION_BATCH_SIZE}).")
     if recalibration_batch_size:
         weights = functions.recalibrate(weights, normalize(data.train_images), recalibration_batch_size, device, ops)
     log_probs = functions.predict(weights, normalize(data.test_images), batch_size, device, ops)

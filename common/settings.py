@@ -6,12 +6,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.batching import check_even_shards
 from common.cli import DEFAULT_TEST_BATCH_SIZE, RECIPE_FLAGS, RUN_FLAGS
 from common.errors import CheckpointError, UserFacingError
+from common.files import check_writable_directory
 from common.mnist import DEFAULT_DATA_DIR, resolve_data_dir
+from common.processes import DeviceCount
 from common.recipes import DEFAULT_RECIPE, Recipe, get_recipe, recipe_from_dict
 from common.sources import DEFAULT_SOURCE
 
@@ -74,6 +79,8 @@ def settings_from_args(names: FrameworkNames, args: argparse.Namespace, resumed_
         refuse_unused_averaging_flags(args, recipe)
         seed = args.seed if args.seed is not None else 0
         out = Path(args.out) if args.out else default_out(names.name, recipe, args.seeds or seed, args.dry_run)
+        if isinstance(args.devices, int):  # before any process or device starts
+            check_even_shards(recipe.batch_size, None, args.devices)
         if writes:
             refuse_to_overwrite(out)
         return RunSettings(recipe=recipe, seed=seed, data_source=args.data_source or DEFAULT_SOURCE, out=out, **options)
@@ -98,6 +105,10 @@ def settings_from_args(names: FrameworkNames, args: argparse.Namespace, resumed_
         raise UserFacingError(f"--resume: the checkpoint is from {was}, and resuming it {now} would mix "
                               "short and full epochs. Resume it as it was started, or start a new run.")
     options["validation"] = saved["validation"]
+    options["save_model"] = args.save_model or saved.get("save_model", False)
+    options["devices"] = args.devices if args.devices is not None else saved.get("devices")
+    if isinstance(options["devices"], int):
+        check_even_shards(recipe.batch_size, None, options["devices"])
     run_dir = checkpoint_path(names, args.resume).parent
     out = Path(args.out) if args.out else run_dir
     if writes and out.resolve() != run_dir.resolve():
@@ -106,19 +117,26 @@ def settings_from_args(names: FrameworkNames, args: argparse.Namespace, resumed_
 
 
 def refuse_unused_averaging_flags(args: argparse.Namespace, recipe: Recipe) -> None:
-    """A flag of one kind of weight averaging, on a run that averages otherwise, would change
-    nothing: say so rather than train a run that silently ignores it."""
+    """A flag of one kind of weight averaging, on a run that averages otherwise, or an SWA that
+    starts after the last epoch, would change nothing: say so rather than train a run that
+    silently ignores it. A dry run's fewer epochs are not counted: it checks the full run's code."""
     for flag, kind in (("ema_decay", "ema"), ("swa_start", "swa")):
         if getattr(args, flag) is not None and recipe.average != kind:
             raise UserFacingError(
                 f"--{flag.replace('_', '-')} applies to --average {kind}, and this run averages "
                 f"{recipe.average!r} (recipe {recipe.name}): add --average {kind}, or drop the flag.")
+    if recipe.average == "swa" and recipe.swa_start > recipe.epochs:
+        raise UserFacingError(
+            f"--average swa from epoch {recipe.swa_start} (--swa-start), and the run ends after epoch "
+            f"{recipe.epochs}: nothing would be averaged. Give --swa-start {recipe.epochs} or less, or more --epochs.")
 
 
 def refuse_to_overwrite(out: Path) -> None:
-    """Stop before a new run writes into a file or into another run's directory."""
-    if out.exists() and not out.is_dir():
+    """Stop before a new run writes into a file, into another run's directory, or into a
+    directory it could not write (checked now, so that no epoch is trained in vain)."""
+    if os.path.isfile(out):
         raise UserFacingError(f"--out {out} is a file, not a directory; choose a directory for the run's artefacts.")
+    check_writable_directory(out)
     found = [name for name in RUN_FILES if (out / name).exists()]
     found += sorted(path.name for path in out.glob(f"{CHECKPOINT_STEM}.*") if path.is_file())
     if found:
@@ -144,3 +162,18 @@ def default_out(framework_name: str, recipe: Recipe, seed: int | tuple[int, ...]
     suffix = "-dry-run" if dry_run else ""
     seeds = "seeds" + "-".join(map(str, seed)) if isinstance(seed, tuple) else f"seed{seed}"
     return Path("runs") / f"{framework_name}-{recipe.name}-{seeds}-{stamp}{suffix}"
+
+
+def devices_to_resume(requested: DeviceCount, meta: dict, count: Callable[[DeviceCount], int] | None = None,
+                      count_changes_results: str | None = None) -> DeviceCount:
+    """--devices of a resumed run: the checkpoint's unless given. Where another number of devices
+    (`count` turns a --devices into one) would change the run's trajectory, `count_changes_results`
+    says why, and it is refused."""
+    if requested is None:
+        return meta["settings"].get("devices")
+    trained_on = meta.get("devices")  # absent from checkpoints older than the record
+    if count and count_changes_results and trained_on is not None and count(requested) != trained_on:
+        raise UserFacingError(
+            f"--devices {requested}: the checkpoint was trained on {trained_on} device(s), and "
+            f"{count_changes_results}. Resume with --devices {trained_on} (or without --devices), or start a new run.")
+    return requested

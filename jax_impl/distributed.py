@@ -19,7 +19,16 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from common.errors import UserFacingError
-from common.processes import SINGLE_PROCESS, DeviceCount, Processes
+from common.processes import (
+    SINGLE_PROCESS,
+    DeviceCount,
+    Processes,
+    bounded_join,
+    environment_int,
+    host_and_port,
+    join_timeout,
+    refuse_too_many_devices,
+)
 
 DATA_AXIS = "data"
 PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
@@ -32,10 +41,15 @@ def join_processes(device: str, devices: DeviceCount) -> Processes:
     process: JAX's CPU backend has one unless asked before it starts (a GPU run ignores them)."""
     processes = SINGLE_PROCESS
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        count, index = (_environment_int(name) for name in PROCESS_ENV[1:])
-        jax.distributed.initialize(num_processes=count, process_id=index)
+        _initialize_distributed()
         processes = Processes(jax.process_index(), jax.process_count(),
                               barrier=lambda: multihost_utils.sync_global_devices("era-s6-mnist"))
+    elif any(os.environ.get(name) for name in PROCESS_ENV[1:]):
+        raise UserFacingError(f"${' and $'.join(n for n in PROCESS_ENV[1:] if os.environ.get(n))} set without "
+                              "$JAX_COORDINATOR_ADDRESS: set it too (host:port of process 0) to train in several "
+                              "processes, or unset them to train in one.")
+    if isinstance(devices, int):
+        refuse_too_many_devices(devices // processes.count, "devices per process")
     if isinstance(devices, int) and devices > processes.count:
         try:
             jax.config.update("jax_num_cpu_devices", max(1, devices // processes.count))
@@ -44,13 +58,28 @@ def join_processes(device: str, devices: DeviceCount) -> Processes:
     return processes
 
 
-def _environment_int(name: str) -> int | None:
-    text = os.environ.get(name)
-    if text is None:
-        return None
-    if not text.isdigit():
-        raise UserFacingError(f"${name}={text!r} is not a non-negative integer; set it to one, or unset it.")
-    return int(text)
+def _initialize_distributed() -> None:
+    """jax.distributed.initialize from the environment, every value checked first and the wait
+    bounded (common.processes.bounded_join), so that a mistake is a message rather than a
+    traceback or an abort from XLA's C++ runtime."""
+    host, port = host_and_port(PROCESS_ENV[0])
+    count, index = environment_int(PROCESS_ENV[1], lowest=1), environment_int(PROCESS_ENV[2])
+    if count is not None and index is not None and index >= count:
+        raise UserFacingError(f"$JAX_PROCESS_ID={index} with $JAX_NUM_PROCESSES={count}: the processes are numbered "
+                              f"0 to {count - 1}; give each its own.")
+    if index == 0:
+        waiting_for = f"the other processes to join process 0 at {host}:{port}"
+    else:
+        waiting_for = f"process 0 at {host}:{port} ($JAX_COORDINATOR_ADDRESS)"
+    with bounded_join(waiting_for):
+        try:
+            # JAX's own bound lies beyond ours, which ends the wait with a message instead of an abort.
+            jax.distributed.initialize(num_processes=count, process_id=index,
+                                       initialization_timeout=join_timeout() + 60)
+        except ValueError as error:
+            raise UserFacingError(f"jax.distributed cannot start: {error} Set $JAX_NUM_PROCESSES (how many processes) "
+                                  "and $JAX_PROCESS_ID (this one's number, from 0) beside $JAX_COORDINATOR_ADDRESS, "
+                                  "or run under a cluster JAX recognises (SLURM, Open MPI).") from error
 
 
 def data_mesh(devices: list[jax.Device]) -> Mesh:

@@ -21,6 +21,7 @@ import numpy as np
 from common.batching import check_even_shards
 from common.cli import FrameworkHelp, build_parser
 from common.errors import UserFacingError
+from common.interrupts import catch_interrupts
 from common.metrics import EpochRecord, evaluate_log_probs
 from common.mnist import DEFAULT_DATA_DIR
 from common.processes import SINGLE_PROCESS, Processes
@@ -35,7 +36,7 @@ from common.run import (
     load_data,
 )
 from common.run_log import RunLog, refuse_non_finite
-from common.settings import RunSettings, checkpoint_path, settings_from_args
+from common.settings import RunSettings, checkpoint_path, devices_to_resume, settings_from_args
 from common.transforms import normalize
 from jax_impl import data
 from jax_impl.checkpoints import NAMES, checkpoint_bytes, model_bytes, read_checkpoint, restore
@@ -76,13 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: flags -> settings -> train; returns the process exit status."""
     args = build_parser(NAMES.title, "jax_impl.train", HELP).parse_args(argv)
     processes = SINGLE_PROCESS
+    catch_interrupts()
     try:
+        resumed = read_checkpoint(checkpoint_path(NAMES, args.resume)) if args.resume else None
+        meta = resumed[0] if resumed else None
+        if meta:  # the checkpoint's devices unless others are asked for: JAX's results do not depend on their number
+            args.devices = devices_to_resume(args.devices, meta)
         processes = join_processes(args.device, args.devices)
         if args.seeds:
             train_seeds(settings_from_args(NAMES, args, None, processes.is_main), args.seeds, processes, train)
             return 0
-        resumed = read_checkpoint(checkpoint_path(NAMES, args.resume)) if args.resume else None
-        train(settings_from_args(NAMES, args, resumed[0] if resumed else None, processes.is_main), processes, resumed)
+        train(settings_from_args(NAMES, args, meta, processes.is_main), processes, resumed)
     except UserFacingError as error:
         return error_status(error, processes)
     except KeyboardInterrupt:
@@ -135,10 +140,9 @@ def train(settings: RunSettings, processes: Processes = SINGLE_PROCESS, resumed:
 
     done = len(resumed[0]["history"]) if resumed else 0
     facts = {**describe(devices, ops), "epoch": epoch_kind}
-    log = RunLog(NAMES, settings, facts, evaluated_on) if processes.is_main else None
+    log = RunLog(NAMES, settings, facts, evaluated_on, resumed[0]["history"] if resumed else None) \
+        if processes.is_main else None
     if log:
-        if resumed:
-            log.resume_history(resumed[0]["history"])
         announce(NAMES, settings, facts, done, epochs)
 
     evaluation = None

@@ -42,11 +42,11 @@ def run(framework, args: list[str], capsys) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def finished_runs(tmp_path_factory, synthetic_dir) -> dict[str, Path]:
-    """A finished dry run of each framework (two short epochs)."""
+    """A finished dry run of each framework (two short epochs), with its --save-model file."""
     runs = {}
     for framework in (TORCH, JAX):
         out = tmp_path_factory.mktemp("runs") / framework.name
-        assert framework.main(["--dry-run", "--out", str(out), "--data-dir", str(synthetic_dir)]) == 0
+        assert framework.main(["--dry-run", "--save-model", "--out", str(out), "--data-dir", str(synthetic_dir)]) == 0
         runs[framework.name] = out
     return runs
 
@@ -99,6 +99,7 @@ UNUSED_FLAGS = {
     "empty --out": (["--out", ""], "--out is empty"),
     "--ema-decay without EMA": (["--ema-decay", "0.99"], "--ema-decay applies to --average ema"),
     "--swa-start with EMA": (["--average", "ema", "--swa-start", "3"], "--swa-start applies to --average swa"),
+    "SWA from after the last epoch": (["--average", "swa", "--swa-start", "16"], "nothing would be averaged"),
 }
 
 
@@ -120,7 +121,116 @@ def test_batch_larger_than_the_training_set_is_refused(synthetic_dir, tmp_path, 
     assert status == 2 and "--batch-size 100000 is larger than the 640 training images" in err
 
 
+def _more_devices_than_allowed() -> int:
+    """A power of two above the limit of devices per process (so that it divides a batch of itself)."""
+    from common.processes import FEW_CPU_DEVICES
+    from common.system import usable_cpu_count
+
+    return 1 << max(FEW_CPU_DEVICES, usable_cpu_count()).bit_length()
+
+
+@pytest.mark.parametrize("case", ["beyond the cores", "not dividing the batch"])
+@FRAMEWORKS
+def test_a_device_count_is_checked_before_anything_starts(framework, case, synthetic_dir, tmp_path, capsys):
+    """Refused once, before any process or device starts: PyTorch used to launch the processes
+    (with an absurd count, memory climbed without a word; with 3, each printed the error), JAX
+    to stop with a traceback from its backend."""
+    count = _more_devices_than_allowed() if case == "beyond the cores" else 3
+    batch = count if case == "beyond the cores" else 128
+    out = tmp_path / "run"
+    status, err = run(framework, ["--dry-run", "--devices", str(count), "--batch-size", str(batch),
+                                  "--data-dir", str(synthetic_dir), "--out", str(out)], capsys)
+    expected = f"--devices {count}: at most" if case == "beyond the cores" else "cannot be cut into 3 equal parts"
+    assert status == 2 and err.count(expected) == 1 and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def _cannot_create_files(*args, **kwargs):
+    raise PermissionError(errno.EACCES, "Permission denied")
+
+
+OUTPUT_PATHS = {  # what --out is, and the cause the message must name
+    "under a file": (lambda root: root / "notes.txt" / "run", "notes.txt is a file"),
+    "a name too long": (lambda root: root / ("x" * 300), "File name too long"),
+    "not writable": (lambda root: root / "locked", "Permission denied"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OUTPUT_PATHS))
+@FRAMEWORKS
+def test_an_output_directory_that_cannot_be_written_is_named_before_training(framework, case, synthetic_dir, tmp_path,
+                                                                             monkeypatch, capsys):
+    (tmp_path / "notes.txt").write_text("the user's notes")
+    (tmp_path / "locked").mkdir()
+    if case == "not writable":  # the tests run as root, whom no permission stops: the system's refusal, simulated
+        monkeypatch.setattr("common.files.tempfile.mkstemp", _cannot_create_files)
+    out, cause = OUTPUT_PATHS[case]
+    before = snapshot(tmp_path)
+    status, err = run(framework, ["--dry-run", "--data-dir", str(synthetic_dir), "--out", str(out(tmp_path))], capsys)
+    assert status == 2 and cause in err and "choose a directory that can be written" in err, err
+    assert "Traceback" not in err
+    assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["locked", "notes.txt"]
+
+
+@pytest.mark.parametrize("case", ["under a file", "a name too long"])
+def test_convert_names_a_destination_it_cannot_write(case, finished_runs, tmp_path, capsys):
+    from bridge import convert
+
+    (tmp_path / "notes.txt").write_text("the user's notes")
+    destination = OUTPUT_PATHS[case][0](tmp_path).with_suffix(".msgpack")
+    status = convert.main([str(finished_runs["torch"] / TORCH.checkpoint_name), str(destination)])
+    err = capsys.readouterr().err
+    assert status == 2 and OUTPUT_PATHS[case][1] in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_write_the_system_refuses_keeps_the_previous_checkpoint(synthetic_dir, tmp_path, monkeypatch, capsys):
+    """A full disk or a file-size limit (EFBIG) while the second epoch's checkpoint is written:
+    one line naming the file, and the first epoch's checkpoint as it was, with no temporary
+    file left behind."""
+    from common import files
+
+    out, real_open, real_fsync, opened, checkpoints = tmp_path / "run", os.open, os.fsync, {}, []
+
+    def open_and_remember(path, *args, **kwargs) -> int:
+        descriptor = real_open(path, *args, **kwargs)
+        opened[descriptor] = str(path)
+        return descriptor
+
+    def fsync(descriptor: int) -> None:
+        if TORCH.checkpoint_name in opened.get(descriptor, ""):
+            checkpoints.append(descriptor)
+            if len(checkpoints) == 2:
+                raise OSError(errno.EFBIG, "File too large")
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(files.os, "open", open_and_remember)
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    status, err = run(TORCH, ["--dry-run", "--data-dir", str(synthetic_dir), "--out", str(out)], capsys)
+    assert status == 2 and f"cannot write {out / TORCH.checkpoint_name} (File too large)" in err, err
+    assert "Traceback" not in err and len(checkpoints) == 2
+    meta, _ = TORCH.read_checkpoint(out / TORCH.checkpoint_name)
+    assert meta["epoch"] == 1 and not list(out.glob(".*.tmp"))
+
+
 # Other runs are never overwritten
+
+
+@FRAMEWORKS
+def test_a_directory_another_run_is_writing_is_refused(framework, synthetic_dir, tmp_path, capsys):
+    """Two runs started at once on one --out: the first claims the directory (here, the test
+    holds the claim), the second is refused whatever it finds there."""
+    from common.claims import DirectoryClaim
+
+    out = tmp_path / "run"
+    claim = DirectoryClaim(out)
+    try:
+        status, err = run(framework, ["--dry-run", "--data-dir", str(synthetic_dir), "--out", str(out)], capsys)
+    finally:
+        claim.release()
+    assert status == 2 and "is being written by another run right now" in err and "Traceback" not in err, err
+    assert [path.name for path in out.iterdir()] == [".run.lock"]
+
 
 
 @FRAMEWORKS
@@ -161,6 +271,39 @@ def test_resume_rewrites_metrics_lost_between_the_two_writes(framework, finished
     (run_dir / "metrics.jsonl").write_text(complete.splitlines(keepends=True)[0])
     assert framework.main(["--resume", str(run_dir), "--dry-run", "--data-dir", str(synthetic_dir)]) == 0
     assert (run_dir / "metrics.jsonl").read_text() == complete
+
+
+@FRAMEWORKS
+def test_resume_keeps_the_model_file_and_the_device_count(framework, finished_runs, synthetic_dir, tmp_path, capsys):
+    """A resumed run ends with its --save-model file as the run started would; its checkpoint
+    records the devices it trained on, and PyTorch, whose CPU processes normalise with their own
+    BatchNorm statistics, refuses to go on with another number."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for path in finished_runs[framework.name].iterdir():
+        if path.name != framework.model_name:
+            (run_dir / path.name).write_bytes(path.read_bytes())
+    meta, _ = framework.read_checkpoint(run_dir / framework.checkpoint_name)
+    assert meta["devices"] == 1 and meta["settings"]["save_model"]
+    if framework is TORCH:
+        before = snapshot(run_dir)
+        status, err = run(framework, ["--resume", str(run_dir), "--dry-run", "--devices", "2",
+                                      "--data-dir", str(synthetic_dir)], capsys)
+        assert status == 2 and "the checkpoint was trained on 1 device(s)" in err and "Traceback" not in err, err
+        assert snapshot(run_dir) == before
+    assert framework.main(["--resume", str(run_dir), "--dry-run", "--data-dir", str(synthetic_dir)]) == 0
+    assert (run_dir / framework.model_name).is_file()
+
+
+@FRAMEWORKS
+def test_evaluate_refuses_a_recalibration_batch_beyond_the_training_set(framework, finished_runs, synthetic_dir,
+                                                                        capsys):
+    """A batch of every training image at once is the most recalibration can use; a larger
+    number used to be taken silently, with memory for all of them."""
+    weights = finished_runs[framework.name] / framework.model_name
+    status = framework.evaluate_main([str(weights), "--data-dir", str(synthetic_dir), "--recalibrate-bn", "641"])
+    err = capsys.readouterr().err
+    assert status == 2 and "--recalibrate-bn 641: a batch holds at most the 640 training images" in err, err
 
 
 # Checkpoints: wrong contents, damaged bytes
@@ -270,6 +413,135 @@ def _leaves(tree):
     import jax
 
     return jax.tree_util.tree_leaves(tree)
+
+
+# Several processes: launcher environments, rendezvous, orphans
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "JAX_COORDINATOR_ADDRESS",
+                    "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def _launcher_environments(port: int) -> dict[tuple[str, str], tuple[dict, str]]:
+    """(framework, case) -> (the environment a user or cluster left, what the error must say);
+    nothing ever listens on `port`, and a join waits 1 s."""
+    master = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "MNIST_JOIN_TIMEOUT": "1"}
+    coordinator = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "MNIST_JOIN_TIMEOUT": "1"}
+    return {
+        ("torch", "$RANK alone"): ({"RANK": "1"}, "$RANK is set without $WORLD_SIZE"),
+        ("torch", "$WORLD_SIZE alone"): ({"WORLD_SIZE": "2"}, "$WORLD_SIZE is set without $RANK"),
+        ("torch", "no master"): ({"WORLD_SIZE": "2", "RANK": "1"}, "without $MASTER_ADDR and $MASTER_PORT"),
+        ("torch", "rank out of range"): ({"WORLD_SIZE": "2", "RANK": "2", **master}, "numbered 0 to 1"),
+        ("torch", "process 0 never comes"): ({"WORLD_SIZE": "2", "RANK": "1", **master},
+                                             f"waited 1 s for process 0 at 127.0.0.1:{port}"),
+        ("jax", "count alone"): ({"JAX_NUM_PROCESSES": "2"}, "set without $JAX_COORDINATOR_ADDRESS"),
+        ("jax", "address not host:port"): ({"JAX_COORDINATOR_ADDRESS": "localhost"}, "is not host:port"),
+        ("jax", "no count"): ({**coordinator, "JAX_PROCESS_ID": "1"}, "Number of processes must be defined"),
+        ("jax", "no process id"): ({**coordinator, "JAX_NUM_PROCESSES": "2"}, "process id of the current process"),
+        ("jax", "id out of range"): ({**coordinator, "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
+                                     "numbered 0 to 1"),
+        ("jax", "the coordinator never answers"): ({**coordinator, "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"},
+                                                   f"waited 1 s for process 0 at 127.0.0.1:{port}"),
+    }
+
+
+@pytest.mark.slow
+def test_launcher_environments_are_checked_and_their_waits_bounded(synthetic_dir, tmp_path):
+    """Half-set launcher variables, and a rendezvous whose other side never comes: one line
+    that says what to set or what was awaited, exit 2, nothing written; PyTorch and JAX used to
+    end in tracebacks, waits of 30 minutes, or an abort from XLA's runtime. Each case is a
+    process of its own, since a bounded wait ends its process: all of them run at once."""
+    modules = {"torch": TORCH.train_module.__name__, "jax": JAX.train_module.__name__}
+    clean = {name: value for name, value in os.environ.items() if name not in LAUNCH_VARIABLES}
+    started, environments = {}, _launcher_environments(_free_port())
+    for index, ((framework, case), (variables, _)) in enumerate(environments.items()):
+        out = tmp_path / f"run{index}"
+        started[framework, case] = out, subprocess.Popen(
+            [sys.executable, "-m", modules[framework], "--dry-run", "--data-dir", str(synthetic_dir),
+             "--out", str(out)],
+            env={**clean, **variables, "PYTHONPATH": str(REPO_ROOT)}, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+    for (framework, case), (out, process) in started.items():
+        _, err = process.communicate(timeout=120)
+        expected = environments[framework, case][1]
+        assert process.returncode == 2 and expected in err and "Traceback" not in err, (framework, case, err[-1500:])
+        assert not out.exists(), (framework, case)
+
+
+def _starting_processes(launcher: int) -> list[int]:
+    """The processes `launcher` spawned (multiprocessing's spawn_main), from the moment they exist."""
+    listed = subprocess.run(["pgrep", "-f", "-P", str(launcher), "spawn_main"], capture_output=True, text=True).stdout
+    return [int(child) for child in listed.split()]
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's new parent may be slow to reap it)."""
+    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+    return bool(state) and not state.startswith("Z")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.name == "nt", reason="Windows leaves no trace of a dead parent; see torch_ref.distributed")
+def test_training_processes_end_with_their_launcher(synthetic_dir, tmp_path):
+    """SIGKILL of `--devices 2`'s launcher while its processes start (before torch arms its own
+    parent-death signal, which Linux alone has): they used to live on as orphans, waiting for a
+    rendezvous that had died with the launcher. They must notice and end within seconds."""
+    launcher = subprocess.Popen(_train_command(TORCH, tmp_path / "run", synthetic_dir, "--devices", "2"),
+                                env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, cwd=REPO_ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(_starting_processes(launcher.pid)) < 2 and time.monotonic() < deadline:
+        assert launcher.poll() is None, "the launcher ended before its processes started"
+        time.sleep(0.02)
+    children = _starting_processes(launcher.pid)
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait(timeout=60)
+    try:
+        deadline = time.monotonic() + 30
+        while any(map(_running, children)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(children) == 2 and not any(map(_running, children)), "orphans still running 30 s after the kill"
+    finally:
+        for child in children:
+            if _running(child):
+                os.kill(child, signal.SIGKILL)
+
+
+# Ctrl-C
+
+
+def test_ctrl_c_swallowed_by_a_finaliser_still_stops_the_run(synthetic_dir, tmp_path, monkeypatch, capsys):
+    """JAX runs many finalisers and garbage-collector callbacks; a Ctrl-C arriving in one used to
+    be printed as "Exception ignored" with a traceback and lost, and the run went on. Here it
+    arrives in a finaliser just after epoch 1's evaluation: the run stops with its one line."""
+    import weakref
+
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # the trainer's hook, removed afterwards
+    real_evaluate = JAX.train_module.evaluate_log_probs
+
+    class Garbage:
+        pass
+
+    def evaluate_then_ctrl_c_in_a_finaliser(*args, **kwargs):
+        evaluation = real_evaluate(*args, **kwargs)
+        garbage = Garbage()
+        weakref.finalize(garbage, signal.raise_signal, signal.SIGINT)
+        del garbage  # the finaliser runs here, and the KeyboardInterrupt is raised inside it
+        time.sleep(1.0)  # where the run would have gone on: the interrupt must arrive meanwhile
+        return evaluation
+
+    monkeypatch.setattr(JAX.train_module, "evaluate_log_probs", evaluate_then_ctrl_c_in_a_finaliser)
+    out = tmp_path / "run"
+    status, err = run(JAX, ["--dry-run", "--data-dir", str(synthetic_dir), "--out", str(out)], capsys)
+    assert status == 130 and "interrupted:" in err, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert not (out / "metrics.jsonl").exists()  # stopped in epoch 1, before anything of it was written
 
 
 # compare.py

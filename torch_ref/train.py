@@ -17,6 +17,7 @@ import torch
 from common.batching import check_even_shards
 from common.cli import FrameworkHelp, build_parser
 from common.errors import UserFacingError
+from common.interrupts import catch_interrupts
 from common.metrics import EpochRecord, evaluate_log_probs
 from common.processes import SINGLE_PROCESS, Processes
 from common.run import (
@@ -30,19 +31,24 @@ from common.run import (
     load_data,
 )
 from common.run_log import RunLog, refuse_non_finite
-from common.settings import RunSettings, checkpoint_path, settings_from_args
+from common.settings import RunSettings, checkpoint_path, devices_to_resume, settings_from_args
 from common.transforms import normalize
 from torch_ref import data
 from torch_ref.averaging import evaluated_model
 from torch_ref.checkpoints import NAMES, checkpoint_bytes, model_bytes, read_checkpoint, restore
 from torch_ref.devices import describe, limit_threads, resolve_ops, select_device
 from torch_ref.distributed import (
+    CPU_BATCHNORM,
     data_parallel,
     join_processes,
     launch_processes,
+    launched_processes,
+    launches_processes,
+    requested_count,
     share_main_buffers,
     summed_over_processes,
     threads_per_process,
+    uses_cuda,
 )
 from torch_ref.model import Net
 from torch_ref.optim import make_optimizer, make_scheduler
@@ -66,16 +72,22 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(NAMES.title, "torch_ref.train", HELP).parse_args(argv)
     processes = SINGLE_PROCESS
+    catch_interrupts()
     try:
-        launched = launch_processes(args.devices, argv, main)
-        if launched is not None:  # this process started one per device and waited for them
-            return launched
+        resumed = read_checkpoint(checkpoint_path(NAMES, args.resume)) if args.resume else None
+        meta = resumed[0] if resumed else None
+        if meta:  # the checkpoint's number of processes, or torchrun's
+            launched = launched_processes()
+            args.devices = devices_to_resume(args.devices if args.devices is not None or not launched else launched[0],
+                                             meta, requested_count, None if uses_cuda(args.device) else CPU_BATCHNORM)
+        if launches_processes(args.devices):
+            settings_from_args(NAMES, args, meta)  # every flag checked once, before any process starts
+            return launch_processes(args.devices, argv, main)  # one per device; waits for them
         processes = join_processes(args.device, args.devices)
         if args.seeds:
             train_seeds(settings_from_args(NAMES, args, None, processes.is_main), args.seeds, processes, train)
             return 0
-        resumed = read_checkpoint(checkpoint_path(NAMES, args.resume)) if args.resume else None
-        train(settings_from_args(NAMES, args, resumed[0] if resumed else None, processes.is_main), processes, resumed)
+        train(settings_from_args(NAMES, args, meta, processes.is_main), processes, resumed)
     except UserFacingError as error:
         return error_status(error, processes)
     except KeyboardInterrupt:
@@ -114,11 +126,10 @@ def train(settings: RunSettings, processes: Processes = SINGLE_PROCESS,
         restore(state, resumed[1])
 
     done = len(resumed[0]["history"]) if resumed else 0
-    facts = {**describe(device, ops), "processes": processes.count}
-    log = RunLog(NAMES, settings, facts, evaluated_on) if processes.is_main else None
+    facts = {**describe(device, ops), "devices": processes.count, "processes": processes.count}
+    log = RunLog(NAMES, settings, facts, evaluated_on, resumed[0]["history"] if resumed else None) \
+        if processes.is_main else None
     if log:
-        if resumed:
-            log.resume_history(resumed[0]["history"])
         announce(NAMES, settings, facts, done, epochs)
 
     evaluation = None
