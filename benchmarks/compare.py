@@ -10,6 +10,9 @@ same run. With --train, full training runs of both frameworks: accuracy against 
 wall-clock time. Full runs also measure data-parallel scaling, 1 against 2 devices in both
 frameworks (benchmarks/scaling.py). Writes results.json, throughput.png (and accuracy.png) into
 --out and prints Markdown tables.
+
+--out must be new or empty, and holds either a whole report or nothing of the run: a run that
+fails or is interrupted before its results.json is written removes what it wrote (see settle).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -28,9 +32,28 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
+from typing import NoReturn
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+
+def interrupted(left: str) -> int:
+    """Ctrl-C: one line instead of a traceback, saying what is left, and the shell's status for an
+    interrupt. Defined above the imports of torch and JAX so that a Ctrl-C during them can use it."""
+    print(f"\ninterrupted: {left}.", file=sys.stderr, flush=True)
+    return 130
+
+
+def _interrupted_while_starting(signum: int, frame: FrameType | None) -> NoReturn:
+    """Ctrl-C while torch and JAX import (seconds): nothing is written yet, so end at once. Not with
+    an exception, which Python would swallow if it landed in a garbage-collector callback."""
+    os._exit(interrupted("nothing was written"))
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -43,6 +66,8 @@ from benchmarks.torch_trainer import TorchTrainer  # noqa: E402
 from common import cli  # noqa: E402
 from common.batching import EpochPlan, plan_epoch  # noqa: E402
 from common.errors import UserFacingError  # noqa: E402
+from common.files import atomic_write_bytes, check_writable_directory  # noqa: E402
+from common.interrupts import catch_interrupts  # noqa: E402
 from common.metrics import read_metrics  # noqa: E402
 from common.mnist import Mnist  # noqa: E402
 from common.recipes import DEFAULT_RECIPE, Recipe, get_recipe  # noqa: E402
@@ -455,10 +480,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserFacingError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before --out was touched; compare reports the later ones itself
+        return interrupted("nothing was written")
 
 
 def compare(args: argparse.Namespace) -> int:
-    """Everything but the argument parsing: bad data, recipes or --out end in UserFacingError."""
+    """Everything but the argument parsing: bad data, recipes or --out end in UserFacingError, and a
+    Ctrl-C once --out is checked ends here, in 130, after the clean-up (settle)."""
     enable_compilation_cache()
     if args.probe:
         run_probe(args)
@@ -470,9 +498,58 @@ def compare(args: argparse.Namespace) -> int:
         raise UserFacingError(f"--batch-sizes {max(args.batch_sizes)} is larger than the {len(data.train_labels):,} "
                               "training images; choose smaller batches.")
     out = args.out or REPO / "benchmarks" / "results" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    if out.exists() and not out.is_dir():
+    created = check_out(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        report = measure(args, recipe, data, out, started)
+        plots(report, out)
+        # Last, and whole or not at all: a results.json in --out means the run is complete (see settle).
+        atomic_write_bytes(out / "results.json", (json.dumps(report, indent=2) + "\n").encode())
+        print(markdown(report))
+        print(f"\nresults in {out} ({report['wall_seconds']:.0f} s)")
+    except KeyboardInterrupt:
+        return interrupted(settle(out, created))
+    except BaseException:
+        settle(out, created)
+        raise
+    return 0
+
+
+def check_out(out: Path) -> Path | None:
+    """Refuse a file, or a directory that holds anything, before minutes of measuring: what a failed
+    run wrote can be told apart from what was there, and removed alone, only in a new or empty
+    directory. Returns the topmost directory the run will create (None when --out exists)."""
+    if os.path.isfile(out):
         raise UserFacingError(f"--out {out} is a file; choose a directory for the results.")
-    out.mkdir(parents=True, exist_ok=True)
+    if os.path.isdir(out) and any(out.iterdir()):
+        raise UserFacingError(f"--out {out} is not empty; choose another --out, or empty it (nothing was measured "
+                              "or changed).")
+    created = next((folder for folder in reversed([out, *out.parents]) if not os.path.exists(folder)), None)
+    check_writable_directory(out)  # under a file, a name too long, no permission: said now, nothing left
+    return created
+
+
+def settle(out: Path, created: Path | None) -> str:
+    """After a failure or a Ctrl-C: keep a run whose results.json is written (only its tables were
+    not printed), else remove everything it wrote, and say which, for the user.
+
+    --out is created when the run starts rather than when there is something to write: --train's
+    runs write into it minutes before the report, so a failure must remove what it wrote anyway,
+    and one rule (made at the start, removed unless complete) covers every step; and an --out that
+    cannot be made fails at once, not after the measuring."""
+    if (out / "results.json").exists():  # this run's: --out was new or empty
+        return f"the results in {out} are complete and kept"
+    # The directories this run made, or, in an --out that existed (empty), all that is in it now.
+    for path in [created] if created else list(out.iterdir()):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return f"nothing was kept ({out} is as it was before the run)"
+
+
+def measure(args: argparse.Namespace, recipe: Recipe, data: Mnist, out: Path, started: float) -> dict:
+    """Every number of the report; with --train also the full runs, which train into `out`."""
     chosen = variants(args.quick)
     probed = memory_probed(chosen, args.quick)
     sgemm = sgemm_gflops()
@@ -513,12 +590,14 @@ def compare(args: argparse.Namespace) -> int:
     if args.train:
         report["training"] = full_training(args, out)
     report["wall_seconds"] = time.perf_counter() - started
-    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    plots(report, out)
-    print(markdown(report))
-    print(f"\nresults in {out} ({report['wall_seconds']:.0f} s)")
-    return 0
+    return report
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, main() reports a Ctrl-C itself
+    catch_interrupts()  # a Ctrl-C that lands in one of JAX's garbage-collector callbacks is delivered again
+    status = main()
+    if status == 130:  # after a Ctrl-C in XLA's compiler, the interpreter's teardown can crash (SIGSEGV): skip it
+        sys.stdout.flush()
+        os._exit(status)
+    sys.exit(status)
