@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import importlib.util
 import inspect
 import json
 import os
@@ -438,38 +437,54 @@ def _launcher_environments(port: int) -> dict[tuple[str, str], tuple[dict, str]]
         ("torch", "$WORLD_SIZE alone"): ({"WORLD_SIZE": "2"}, "$WORLD_SIZE is set without $RANK"),
         ("torch", "no master"): ({"WORLD_SIZE": "2", "RANK": "1"}, "without $MASTER_ADDR and $MASTER_PORT"),
         ("torch", "rank out of range"): ({"WORLD_SIZE": "2", "RANK": "2", **master}, "numbered 0 to 1"),
-        ("torch", "process 0 never comes"): ({"WORLD_SIZE": "2", "RANK": "1", **master},
-                                             f"waited 1 s for process 0 at 127.0.0.1:{port}"),
         ("jax", "count alone"): ({"JAX_NUM_PROCESSES": "2"}, "set without $JAX_COORDINATOR_ADDRESS"),
         ("jax", "address not host:port"): ({"JAX_COORDINATOR_ADDRESS": "localhost"}, "is not host:port"),
-        ("jax", "no count"): ({**coordinator, "JAX_PROCESS_ID": "1"}, "Number of processes must be defined"),
-        ("jax", "no process id"): ({**coordinator, "JAX_NUM_PROCESSES": "2"}, "process id of the current process"),
         ("jax", "id out of range"): ({**coordinator, "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
                                      "numbered 0 to 1"),
+        # Past this point jax.distributed starts, which it does only before JAX's first computation,
+        # or the process waits and is ended: these run as processes of their own.
+        ("jax", "no count"): ({**coordinator, "JAX_PROCESS_ID": "1"}, "Number of processes must be defined"),
+        ("jax", "no process id"): ({**coordinator, "JAX_NUM_PROCESSES": "2"}, "process id of the current process"),
+        ("torch", "process 0 never comes"): ({"WORLD_SIZE": "2", "RANK": "1", **master},
+                                             f"waited 1 s for process 0 at 127.0.0.1:{port}"),
         ("jax", "the coordinator never answers"): ({**coordinator, "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"},
                                                    f"waited 1 s for process 0 at 127.0.0.1:{port}"),
     }
 
 
+IN_PROCESS = 7  # the first cases above end before anything starts
+
+
 @pytest.mark.slow
-def test_launcher_environments_are_checked_and_their_waits_bounded(synthetic_dir, tmp_path):
+def test_launcher_environments_are_checked_and_their_waits_bounded(synthetic_dir, tmp_path, monkeypatch, capsys):
     """Half-set launcher variables, and a rendezvous whose other side never comes: one line
     that says what to set or what was awaited, exit 2, nothing written; PyTorch and JAX used to
-    end in tracebacks, waits of 30 minutes, or an abort from XLA's runtime. Each case is a
-    process of its own, since a bounded wait ends its process: all of them run at once."""
-    modules = {"torch": TORCH.train_module.__name__, "jax": JAX.train_module.__name__}
+    end in tracebacks, waits of 30 minutes, or an abort from XLA's runtime."""
+    frameworks = {"torch": TORCH, "jax": JAX}
+    environments = list(_launcher_environments(_free_port()).items())
+    for index, ((framework, case), (variables, expected)) in enumerate(environments[:IN_PROCESS]):
+        with monkeypatch.context() as patch:
+            for name in LAUNCH_VARIABLES:
+                patch.delenv(name, raising=False)
+            for name, value in variables.items():
+                patch.setenv(name, value)
+            out = tmp_path / f"run{index}"
+            status, err = run(frameworks[framework], ["--dry-run", "--data-dir", str(synthetic_dir),
+                                                      "--out", str(out)], capsys)
+        assert status == 2 and expected in err and "Traceback" not in err, (framework, case, err[-1500:])
+        assert not out.exists(), (framework, case)
+
     clean = {name: value for name, value in os.environ.items() if name not in LAUNCH_VARIABLES}
-    started, environments = {}, _launcher_environments(_free_port())
-    for index, ((framework, case), (variables, _)) in enumerate(environments.items()):
+    started = {}
+    for index, ((framework, case), (variables, expected)) in enumerate(environments[IN_PROCESS:], start=IN_PROCESS):
         out = tmp_path / f"run{index}"
-        started[framework, case] = out, subprocess.Popen(
-            [sys.executable, "-m", modules[framework], "--dry-run", "--data-dir", str(synthetic_dir),
-             "--out", str(out)],
+        started[framework, case] = out, expected, subprocess.Popen(
+            [sys.executable, "-m", frameworks[framework].train_module.__name__, "--dry-run",
+             "--data-dir", str(synthetic_dir), "--out", str(out)],
             env={**clean, **variables, "PYTHONPATH": str(REPO_ROOT)}, cwd=REPO_ROOT, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True)
-    for (framework, case), (out, process) in started.items():
+    for (framework, case), (out, expected, process) in started.items():
         _, err = process.communicate(timeout=120)
-        expected = environments[framework, case][1]
         assert process.returncode == 2 and expected in err and "Traceback" not in err, (framework, case, err[-1500:])
         assert not out.exists(), (framework, case)
 
@@ -542,39 +557,6 @@ def test_ctrl_c_swallowed_by_a_finaliser_still_stops_the_run(synthetic_dir, tmp_
     assert status == 130 and "interrupted:" in err, err
     assert "Traceback" not in err and "Exception ignored" not in err, err
     assert not (out / "metrics.jsonl").exists()  # stopped in epoch 1, before anything of it was written
-
-
-# compare.py
-
-
-@pytest.fixture(scope="module")
-def compare_module():
-    spec = importlib.util.spec_from_file_location("compare", REPO_ROOT / "benchmarks" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["compare"] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["compare"]
-
-
-@pytest.mark.parametrize("case", ["missing data", "unknown recipe", "batch size 0", "batch larger than data"])
-def test_compare_reports_bad_input_and_creates_nothing(case, compare_module, synthetic_dir, tmp_path, monkeypatch,
-                                                      capsys):
-    monkeypatch.setattr(mnist, "MIRRORS", ("http://127.0.0.1:9/",))  # refused at once: offline
-    out = tmp_path / "results"
-    args = {"missing data": ["--data-dir", str(tmp_path / "empty")],
-            "unknown recipe": ["--data-dir", str(synthetic_dir), "--recipe", "nope"],
-            "batch size 0": ["--data-dir", str(synthetic_dir), "--batch-sizes", "0"],
-            "batch larger than data": ["--data-dir", str(synthetic_dir), "--batch-sizes", "128,100000"]}[case]
-    expected = {"missing data": "could not be downloaded", "unknown recipe": "choose one of",
-                "batch size 0": "expected a positive integer", "batch larger than data": "is larger than the 640"}[case]
-    try:
-        status = compare_module.main([*args, "--quick", "--out", str(out)])
-    except SystemExit as exit_:  # argparse's own errors
-        status = exit_.code
-    err = capsys.readouterr().err
-    assert status == 2 and expected in err and "Traceback" not in err
-    assert not out.exists()
 
 
 # The network

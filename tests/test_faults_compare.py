@@ -1,7 +1,8 @@
-"""benchmarks/compare.py's --out holds a whole report or nothing of the run: an --out that holds
-anything is refused before anything is measured, and a run that fails or is interrupted removes
-what it wrote, never what was there before. On the synthetic MNIST (tests/synthetic_mnist.py);
-the refusal and the failures in-process, Ctrl-C in a real process."""
+"""benchmarks/compare.py's bad input and bad luck: missing data, bad flags and an --out that holds
+anything are refused before anything is measured; --out holds a whole report or nothing of the
+run, and a run that fails or is interrupted removes what it wrote, never what was there before.
+On the synthetic MNIST (tests/synthetic_mnist.py); the refusals and the failures in-process,
+Ctrl-C in a real process."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import NoReturn
 
 import pytest
 
+from common import mnist
 from common.errors import UserFacingError
 from tests.conftest import REPO_ROOT
 
@@ -29,6 +31,26 @@ def compare_module():
     spec.loader.exec_module(module)
     yield module
     del sys.modules["compare"]
+
+
+@pytest.mark.parametrize("case", ["missing data", "unknown recipe", "batch size 0", "batch larger than data"])
+def test_compare_reports_bad_input_and_creates_nothing(case, compare_module, synthetic_dir, tmp_path, monkeypatch,
+                                                      capsys):
+    monkeypatch.setattr(mnist, "MIRRORS", ("http://127.0.0.1:9/",))  # refused at once: offline
+    out = tmp_path / "results"
+    args = {"missing data": ["--data-dir", str(tmp_path / "empty")],
+            "unknown recipe": ["--data-dir", str(synthetic_dir), "--recipe", "nope"],
+            "batch size 0": ["--data-dir", str(synthetic_dir), "--batch-sizes", "0"],
+            "batch larger than data": ["--data-dir", str(synthetic_dir), "--batch-sizes", "128,100000"]}[case]
+    expected = {"missing data": "could not be downloaded", "unknown recipe": "choose one of",
+                "batch size 0": "expected a positive integer", "batch larger than data": "is larger than the 640"}[case]
+    try:
+        status = compare_module.main([*args, "--quick", "--out", str(out)])
+    except SystemExit as exit_:  # argparse's own errors
+        status = exit_.code
+    err = capsys.readouterr().err
+    assert status == 2 and expected in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def tree(root: Path) -> dict[str, bytes | None]:
