@@ -3,6 +3,7 @@
     common: numpy, the standard library, tqdm, matplotlib; no framework. common.sources alone may
         also import the optional data sources (tensorflow_datasets, tensorflow, torchvision).
     torch_ref, jax_impl: common and their own framework; never each other, never the bridge.
+    nnx_impl: common, the JAX stack and jax_impl (the helpers both Flax twins share); never torch.
     bridge: common, torch_ref and jax_impl (the only package that sees both).
 
 and everywhere no import cycle and no import of a command module (`train`, `evaluate`: the command
@@ -30,7 +31,7 @@ from tools.import_graph import (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAX_LINES = 400
-SIZE_LIMITED = ("common", "torch_ref", "jax_impl")
+SIZE_LIMITED = ("common", "torch_ref", "jax_impl", "nnx_impl")
 TORCH = frozenset({"torch", "torchvision"})
 JAX = frozenset({"jax", "jaxlib", "flax", "optax", "chex"})
 COMMON_MAY_USE = frozenset({"numpy", "tqdm", "matplotlib"})
@@ -77,9 +78,11 @@ def common_third_party_offences(root: Path) -> list[str]:
 
 
 def framework_offences(root: Path) -> list[str]:
-    """jax_impl importing torch_ref or torch; torch_ref importing jax_impl or the JAX stack; either a bridge."""
+    """jax_impl importing torch_ref, nnx_impl or torch; nnx_impl importing torch_ref or torch; torch_ref
+    importing either Flax twin or the JAX stack; any a bridge."""
     packages = _packages(root)
     return (_offences(root, "jax_impl", packages - {"common", "jax_impl"}, TORCH)
+            + _offences(root, "nnx_impl", packages - {"common", "jax_impl", "nnx_impl"}, TORCH)
             + _offences(root, "torch_ref", packages - {"common", "torch_ref"}, JAX))
 
 
@@ -114,7 +117,7 @@ def test_common_uses_only_numpy_tqdm_and_matplotlib():
 
 def test_each_framework_package_sees_only_common_and_its_own_framework():
     offences = framework_offences(REPO_ROOT)
-    assert not offences, "torch_ref and jax_impl must never import each other, the other framework, or a bridge:" + (
+    assert not offences, "the twins must never import the other framework, its twin, or a bridge:" + (
         _listed(offences))
 
 
@@ -140,6 +143,8 @@ CLEAN_TREE = {
     "torch_ref/model.py": "import torch\nfrom common import spec\n",
     "jax_impl/__init__.py": "",
     "jax_impl/model.py": "import jax.numpy as jnp\nimport flax.linen as nn\nfrom common.training import SIZE\n",
+    "nnx_impl/__init__.py": "",
+    "nnx_impl/model.py": "from flax import nnx\nfrom jax_impl.model import nn\n",
     "bridge/__init__.py": "",
     "bridge/convert.py": "import torch\nimport jax\nfrom torch_ref import model\nimport jax_impl.model\n",
     # outside the layered packages: may import anything, and is not scanned
@@ -161,6 +166,7 @@ BROKEN_TREE = {
     "jax_impl/loop_b.py": "def later():\n    import jax_impl.loop_a\n",
     "jax_impl/train.py": "",
     "jax_impl/helper.py": "from jax_impl.train import main\n",
+    "nnx_impl/convert.py": "import torch\nfrom torch_ref import model\n",
 }
 
 
@@ -184,7 +190,7 @@ def broken_root(tmp_path: Path) -> Path:
 def test_the_scanner_reads_every_form_of_import(clean_root: Path):
     imports = module_imports(clean_root)
     assert set(imports) == {"common", "common.spec", "common.training", "common.sources", "torch_ref",
-                            "torch_ref.model", "jax_impl", "jax_impl.model", "bridge",
+                            "torch_ref.model", "jax_impl", "jax_impl.model", "nnx_impl", "nnx_impl.model", "bridge",
                             "bridge.convert"}  # no tests, no benchmarks
     assert imports["common.training"] == {"common.spec"}  # `from . import spec` and `from common.spec import SIZE`
     assert imports["torch_ref.model"] == {"common.spec"}  # `from common import spec` is the module common.spec
@@ -212,6 +218,8 @@ def test_a_tree_that_breaks_the_rules_is_caught_module_by_module(broken_root: Pa
         "jax_impl.bridged imports bridge.convert",
         "jax_impl.convert imports torch",  # inside a function
         "jax_impl.convert imports torch_ref.model",
+        "nnx_impl.convert imports torch",
+        "nnx_impl.convert imports torch_ref.model",
         "torch_ref.train imports jax_impl.model",  # a relative import, made absolute
         "torch_ref.train imports optax",
     ]

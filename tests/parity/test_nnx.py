@@ -1,0 +1,119 @@
+"""The Flax NNX model (nnx_impl.model) against PyTorch and the linen twin: the same layers and
+weights, and, with PyTorch's weights loaded, the same eval and train forward passes (the same
+injected dropout masks), running statistics and parameter gradients.
+
+float64 throughout: then only the order of floating-point reductions differs, and the bounds of
+test_forward.py (1e-12 absolute on log-probabilities and statistics) and test_gradients.py
+(1e-10 relative to each gradient's norm) hold with orders of magnitude to spare.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+
+from bridge.convert import flax_to_torch
+from jax_impl import training as jax_training
+from jax_impl.model import Net as LinenNet
+from nnx_impl.model import Net, load_variables, variables_of
+from tests.parity.helpers import dropout_masks, flax_variables, nchw_to_nhwc, torch_masks, torch_model
+from torch_ref import training as torch_training
+
+ABSOLUTE = 1e-12  # log-probabilities and statistics, float64 (test_forward.py)
+RELATIVE_GRADIENT = 1e-10  # of each gradient's norm, float64 (test_gradients.py)
+
+
+class InjectedDropout(nnx.Module):
+    """Inverted dropout with a given keep mask, as torch_masks makes PyTorch's apply."""
+
+    def __init__(self, mask: np.ndarray, rate: float):
+        self.mask = nnx.Variable(jnp.asarray(nchw_to_nhwc(mask)))
+        self.rate, self.deterministic = rate, False
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x if self.deterministic else x * self.mask[...].astype(x.dtype) / (1 - self.rate)
+
+
+@nnx.jit
+def forward(model: Net, images: jax.Array) -> jax.Array:
+    """The model's call compiled as one program (eager, each operation would compile its own);
+    the BatchNorm statistics a train-mode call updates come back into `model`, as NNX promises."""
+    return model(images)
+
+
+def nnx_model(torch_net: torch.nn.Module, masks: dict[str, np.ndarray] | None = None) -> Net:
+    """An NNX model holding `torch_net`'s weights (float64), with `masks` in its dropout layers."""
+    model = Net(dropout=torch_net.drop1.p)
+    variables = flax_variables(torch_net, jnp.float64)
+    load_variables(model, jax.tree_util.tree_map(np.asarray, variables))
+    for name, mask in (masks or {}).items():
+        setattr(model, name, InjectedDropout(mask, torch_net.drop1.p))
+    return model
+
+
+def test_the_layers_and_weights_are_the_linen_twins():
+    """`Net()` builds with no arguments; 4,328 parameters in the linen twin's very tree of
+    names and shapes (from shapes alone: nothing of linen's is computed), so that one weight
+    mapping serves both; loading weights and reading them back is exact."""
+    model = Net()
+    linen = jax.eval_shape(lambda: LinenNet().init({"params": jax.random.key(0)}, jnp.zeros((1, 28, 28, 1)),
+                                                   train=False))
+    ours = variables_of(model)
+    assert sum(leaf.size for leaf in jax.tree_util.tree_leaves(ours["params"])) == 4328
+    assert jax.tree_util.tree_map(np.shape, ours) == jax.tree_util.tree_map(np.shape, dict(linen))
+    rng = np.random.default_rng(0)
+    weights = jax.tree_util.tree_map(lambda leaf: rng.standard_normal(np.shape(leaf)).astype(np.float32), ours)
+    load_variables(model, weights)
+    for got, want in zip(jax.tree_util.tree_leaves(variables_of(model)), jax.tree_util.tree_leaves(weights),
+                         strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_eval_and_train_forward_and_statistics_match_pytorch(synthetic_images, float64):
+    torch_net = torch_model(dtype=torch.float64)
+    images = synthetic_images[:32]
+    masks = dropout_masks(np.random.default_rng(0), len(images))
+    model = nnx_model(torch_net, masks)
+
+    with torch.no_grad():
+        expected_eval = torch_net.eval()(torch.as_tensor(images, dtype=torch.float64)).numpy()
+    model.eval()
+    np.testing.assert_allclose(np.asarray(forward(model, jnp.asarray(nchw_to_nhwc(images)))), expected_eval, rtol=0,
+                               atol=ABSOLUTE)
+
+    torch_net.train()
+    with torch_masks(torch_net, masks), torch.no_grad():
+        expected_train = torch_net(torch.as_tensor(images, dtype=torch.float64)).numpy()
+    model.train()
+    np.testing.assert_allclose(np.asarray(forward(model, jnp.asarray(nchw_to_nhwc(images)))), expected_train, rtol=0,
+                               atol=ABSOLUTE)
+    for i in range(1, 6):  # updated in place by the train-mode call, as PyTorch's are
+        bn, ours = getattr(torch_net, f"bn{i}"), getattr(model, f"bn{i}")
+        np.testing.assert_allclose(ours.mean[...], bn.running_mean.numpy(), rtol=ABSOLUTE, atol=ABSOLUTE)
+        np.testing.assert_allclose(ours.var[...], bn.running_var.numpy(), rtol=ABSOLUTE, atol=ABSOLUTE)
+
+
+def test_parameter_gradients_match_pytorch(synthetic_images, synthetic_mnist, float64):
+    torch_net = torch_model(seed=5, dtype=torch.float64)
+    images, labels = synthetic_images[:64], synthetic_mnist.train_labels[:64].astype(np.int64)
+    masks = dropout_masks(np.random.default_rng(3), len(images))
+    model = nnx_model(torch_net, masks)
+
+    torch_net.train()
+    with torch_masks(torch_net, masks):
+        torch_training.training_loss(torch_net(torch.as_tensor(images, dtype=torch.float64)),
+                                     torch.as_tensor(labels), 0.0).backward()
+    expected = {name: p.grad.numpy() for name, p in torch_net.named_parameters()}
+
+    def loss_fn(model: Net) -> jax.Array:
+        return jax_training.training_loss(model(jnp.asarray(nchw_to_nhwc(images))), jnp.asarray(labels), 0.0)
+
+    model.train()
+    grads = nnx.jit(nnx.grad(loss_fn))(model)
+    ours = flax_to_torch({"params": nnx.to_pure_dict(grads), "batch_stats": variables_of(model)["batch_stats"]})
+    for name, grad in expected.items():
+        error = np.linalg.norm(ours[name] - grad) / np.linalg.norm(grad)
+        assert error < RELATIVE_GRADIENT, (name, error)
