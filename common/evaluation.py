@@ -25,6 +25,8 @@ from common.settings import FrameworkNames
 from common.transforms import normalize
 
 RECALIBRATION_BATCH_SIZE = BEST.batch_size  # the default recipe's training batch
+# 60,000 images at once took 6-7 GB in either framework (docs/reliability.md); 8,192 about 1.4 GB.
+MAX_RECALIBRATION_BATCH_SIZE = 8192
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,11 @@ def evaluate_file(functions: WeightsFunctions, path: Path, data_dir: str | None 
     at a time."""
     weights = functions.read(path)
     data = load_mnist(data_dir)
+    if recalibration_batch_size and recalibration_batch_size > MAX_RECALIBRATION_BATCH_SIZE:
+        raise UserFacingError(f"--recalibrate-bn {recalibration_batch_size}: a train-mode pass keeps every layer's "
+                              f"activations, about 100 KB per image, so batches are bounded at "
+                              f"{MAX_RECALIBRATION_BATCH_SIZE:,} images (about 1 GB); give at most that many (the "
+                              f"default: {RECALIBRATION_BATCH_SIZE}).")
     if recalibration_batch_size and recalibration_batch_size > len(data.train_labels):
         raise UserFacingError(f"--recalibrate-bn {recalibration_batch_size}: a batch holds at most the "
                               f"{len(data.train_labels):,} training images, and each image in it costs memory for "
@@ -73,7 +80,8 @@ def main(names: FrameworkNames, module: str, functions: WeightsFunctions, argv: 
     parser.add_argument("--recalibrate-bn", type=int, nargs="?", const=RECALIBRATION_BATCH_SIZE, default=None,
                         metavar="BATCH",
                         help="first recompute the BatchNorm statistics over the 60,000 training images, BATCH at a "
-                             "time (default BATCH: %(const)s), in train mode with dropout off and no weight changed "
+                             f"time (default BATCH: %(const)s, at most {MAX_RECALIBRATION_BATCH_SIZE}), in train mode "
+                             "with dropout off and no weight changed "
                              "(torch.optim.swa_utils.update_bn's rule), instead of the running averages training left")
     args = parser.parse_args(argv)
     if args.recalibrate_bn is not None and args.recalibrate_bn < 1:
