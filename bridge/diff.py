@@ -6,7 +6,8 @@ they part, at which stage, by how much, and which classic porting mistake it loo
 
 TORCH and FLAX are `package.module:callable`, each a callable of no arguments returning the model
 (a torch.nn.Module; a Flax linen module, called as `module.apply(variables, x, train=...)` on
-channels-last input). The same as a library, for a porter's own tests:
+channels-last input, or a Flax NNX module, switched by `model.train()` / `model.eval()` and
+called as `model(x)`; bridge.nnx_side). The same as a library, for a porter's own tests:
 
     report = bridge.diff.compare(torch_model, flax_module, input_shape=(1, 28, 28))
     assert report.equal, report.first_divergence
@@ -32,7 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import linen as nn
+from flax import nnx
 
+from bridge import nnx_side
 from bridge.capture import DropoutDraws, channels_last
 from bridge.hints import hint
 from bridge.mapping import MappingError, flatten, read_overrides, weight_map
@@ -43,8 +46,8 @@ from common.errors import UserFacingError
 DTYPES = {"float64": (torch.float64, jnp.float64), "float32": (torch.float32, jnp.float32)}
 
 
-def compare(torch_model: torch.nn.Module, flax_module: nn.Module, input_shape: Sequence[int], *, batch: int = 8,
-            dtype: str = "float64", seed: int = 0, overrides: Mapping[str, str] | None = None,
+def compare(torch_model: torch.nn.Module, flax_module: nn.Module | nnx.Module, input_shape: Sequence[int], *,
+            batch: int = 8, dtype: str = "float64", seed: int = 0, overrides: Mapping[str, str] | None = None,
             mode: tuple[str, bool] = ("train", True), tolerance: float | None = None) -> Report:
     """Compare `torch_model` (left unchanged: a copy is used) with `flax_module` on `batch` random
     inputs of `input_shape` (PyTorch's layout, without the batch). `mode` is the Flax keyword that
@@ -66,9 +69,9 @@ def compare(torch_model: torch.nn.Module, flax_module: nn.Module, input_shape: S
     with precision(dtype):
         flax_input = jnp.asarray(channels_last(images), DTYPES[dtype][1])
         try:
-            shapes = jax.eval_shape(lambda: flax_module.init({"params": jax.random.key(seed),
-                                                              "dropout": jax.random.key(0)},
-                                                             flax_input, **{keyword: not in_training}))
+            shapes = nnx_side.variables_of(flax_module) if nnx_side.is_nnx(flax_module) else jax.eval_shape(
+                lambda: flax_module.init({"params": jax.random.key(seed), "dropout": jax.random.key(0)},
+                                         flax_input, **{keyword: not in_training}))
         except Exception as error:  # the user's module: any error it raises means the same to them
             raise UserFacingError(f"the Flax module cannot be initialised on inputs of shape {flax_input.shape} "
                                   f"with {keyword}={not in_training} ({type(error).__name__}: {error}); check "
@@ -81,7 +84,7 @@ def compare(torch_model: torch.nn.Module, flax_module: nn.Module, input_shape: S
                      lambda train: {keyword: in_training if train else not in_training}, DTYPES[dtype],
                      TOLERANCES[dtype] if tolerance is None else tolerance, DropoutDraws(seed))
         report.notes.append("dropout: the same masks injected into both sides' standard dropout layers "
-                            "(torch.nn.Dropout/Dropout1d/2d/3d, flax.linen.Dropout and subclasses)")
+                            "(torch.nn.Dropout/Dropout1d/2d/3d, flax.linen.Dropout, flax.nnx.Dropout and subclasses)")
         if dtype == "float32":
             report.notes.append("float32: a gradient may part at a kink (a ReLU input or max-pool tie within "
                                 "rounding of its threshold) or by BatchNorm's cancellation; float64 proves equality")
@@ -157,7 +160,8 @@ def parser() -> argparse.ArgumentParser:
                     "BatchNorm running statistics, gradients and one SGD step. Exit 0: equal within tolerance; "
                     "1: they part (the first divergence is named, with a hint); 2: usage error or unmappable weights.")
     result.add_argument("torch", metavar="TORCH", help="package.module:callable returning a torch.nn.Module")
-    result.add_argument("flax", metavar="FLAX", help="package.module:callable returning a Flax linen module")
+    result.add_argument("flax", metavar="FLAX", help="package.module:callable returning a Flax module: linen, or NNX "
+                                                     "(switched with .train() / .eval(); --mode is then unused)")
     result.add_argument("--input-shape", type=_input_shape, required=True,
                         help="one input's shape in PyTorch's layout, without the batch: C,H,W (4-D inputs reach "
                              "Flax as N,H,W,C)")
@@ -182,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides = read_overrides(args.map) if args.map else None
         torch.manual_seed(args.seed)
         torch_model, flax_module = build(args.torch), build(args.flax)
-        if not isinstance(torch_model, torch.nn.Module) or not isinstance(flax_module, nn.Module):
-            raise UserFacingError(f"{args.torch} must return a torch.nn.Module and {args.flax} a Flax linen module; "
+        if not isinstance(torch_model, torch.nn.Module) or not isinstance(flax_module, nn.Module | nnx.Module):
+            raise UserFacingError(f"{args.torch} must return a torch.nn.Module and {args.flax} a Flax module (linen "
+                                  "or NNX); "
                                   f"got {type(torch_model).__name__} and {type(flax_module).__name__}")
         report = compare(torch_model, flax_module, args.input_shape, batch=args.batch, dtype=args.dtype,
                          seed=args.seed, overrides=overrides, mode=args.mode, tolerance=args.tolerance)

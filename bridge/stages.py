@@ -13,7 +13,9 @@ import numpy as np
 import optax
 import torch
 from flax import linen as nn
+from flax import nnx
 
+from bridge import nnx_side
 from bridge.capture import Call, DropoutDraws, channels_last, flax_calls, torch_calls
 from bridge.hints import Divergence
 from bridge.mapping import NORMALISATIONS, WeightMap, flatten, flax_module_candidates
@@ -46,7 +48,7 @@ class Subjects:
     """The models and the stage-independent inputs of one comparison."""
 
     torch_model: torch.nn.Module
-    flax_module: nn.Module
+    flax_module: nn.Module | nnx.Module
     mapping: WeightMap
     variables: dict  # Flax, converted from the PyTorch model's initial state
     torch_state: dict  # the PyTorch model's initial state, to restore before each stage
@@ -140,12 +142,18 @@ def precision(dtype: str) -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _flax_apply(side: Subjects, variables: dict, train: bool):
-    """(output, updated non-parameter collections) of the Flax module."""
+def _flax_apply(side: Subjects, variables: dict, train: bool,
+                draws: DropoutDraws | None) -> tuple[jax.Array, dict, list[Call]]:
+    """(output, updated non-parameter collections, every module call) of the Flax side: a linen
+    module through `apply`, an NNX module through bridge.nnx_side."""
+    if nnx_side.is_nnx(side.flax_module):
+        return nnx_side.apply(side.flax_module, variables, side.flax_input(), train, draws)
     mutable = [name for name in variables if name != "params"] if train else []
-    result = side.flax_module.apply(variables, side.flax_input(), **side.mode(train), mutable=mutable or False,
-                                    rngs={"dropout": jax.random.key(0)})
-    return result if mutable else (result, {})
+    with flax_calls(draws) as calls:
+        result = side.flax_module.apply(variables, side.flax_input(), **side.mode(train), mutable=mutable or False,
+                                        rngs={"dropout": jax.random.key(0)})
+    output, updated = result if mutable else (result, {})
+    return output, updated, calls
 
 
 def _flax_calls(modules: list, arrays: list) -> list[Call]:
@@ -159,8 +167,7 @@ def _flax_eval(side: Subjects) -> list[Call]:
     modules: list[tuple[str, object]] = []
 
     def run(variables):
-        with flax_calls(None) as calls:
-            _flax_apply(side, variables, train=False)
+        _, _, calls = _flax_apply(side, variables, train=False, draws=None)
         modules[:] = [(call.path, call.module) for call in calls]
         return [(call.inputs, call.output) for call in calls]
 
@@ -173,8 +180,7 @@ def _flax_train(side: Subjects, output_weights: np.ndarray) -> tuple[list[Call],
     modules: list[tuple[str, object]] = []
 
     def loss(params):
-        with flax_calls(side.draws) as calls:
-            out, updated = _flax_apply(side, {**side.variables, "params": params}, train=True)
+        out, updated, calls = _flax_apply(side, {**side.variables, "params": params}, train=True, draws=side.draws)
         modules[:] = [(call.path, call.module) for call in calls]
         weights = jnp.asarray(_as_flax_layout(output_weights, side.images.ndim, out.shape), out.dtype)
         return jnp.sum(out * weights), (updated, [(call.inputs, call.output) for call in calls])

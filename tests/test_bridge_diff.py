@@ -13,6 +13,7 @@ import json
 
 import pytest
 import torch
+from flax import nnx
 
 from bridge import convert, mapping
 from bridge.diff import compare, main
@@ -20,6 +21,7 @@ from bridge.report import STAGES
 from jax_impl import model as jax_model
 from jax_impl.fast.choice import layers_for
 from jax_impl.model import Net as FlaxNet
+from nnx_impl.model import Net as NnxNet
 from tests.parity import mutations
 from tests.porting_models import MISTAKES, PAIRS
 from torch_ref.model import Net as TorchNet
@@ -74,6 +76,42 @@ def test_every_model_mistake_of_the_mutation_table_is_named(name, restored_modul
     report = compare(TorchNet(), FlaxNet(layers=layers_for("plain")), (1, 28, 28))
     first = report.first_divergence
     assert first is not None and (first["stage"], first["torch"]) == MODEL_MUTATIONS[name], report.summary()
+
+
+def test_the_nnx_twin_is_equal_to_pytorch_from_the_command_line(capsys):
+    """An NNX module on the Flax side: switched with .train() / .eval(), its calls recorded
+    layer by layer, the same masks in its nnx.Dropout layers."""
+    assert main(["torch_ref.model:Net", "nnx_impl.model:Net", "--input-shape", "1,28,28", "--dtype", "float64"]) == 0
+    summary = capsys.readouterr().out
+    assert "equal: every check within 1e-10 (float64)" in summary and "forward-eval    17 tensors" in summary
+
+
+def _nnx_port_with(layer: str, make) -> NnxNet:
+    model = NnxNet()
+    setattr(model, layer, make(model))
+    return model
+
+
+NNX_MISTAKES = {  # a layer of nnx_impl's Net swapped for Flax's own, with the stage and layer it must be named at
+    "nnx.BatchNorm (a biased running variance)": (
+        "bn1", lambda m: nnx.BatchNorm(8, momentum=0.9, epsilon=1e-5, rngs=nnx.Rngs(0)),
+        ("running-stats", "bn1.running_var")),
+    "channel-wise dropout": (
+        "drop1", lambda m: nnx.Dropout(m.drop1.rate, broadcast_dims=(1, 2), rngs=nnx.Rngs(0)),
+        ("forward-train", "drop1")),
+    "'SAME' padding": (
+        "conv1", lambda m: nnx.Conv(1, 8, (3, 3), padding="SAME", use_bias=False, rngs=nnx.Rngs(0)),
+        ("forward-eval", "conv1")),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(NNX_MISTAKES))
+def test_an_nnx_ports_mistake_is_named_at_its_layer(mistake):
+    layer, make, expected = NNX_MISTAKES[mistake]
+    torch.manual_seed(0)
+    report = compare(TorchNet(), _nnx_port_with(layer, make), (1, 28, 28))
+    first = report.first_divergence
+    assert first is not None and (first["stage"], first["torch"]) == expected, report.summary()
 
 
 def test_the_command_line_exits_0_1_2_and_writes_json(tmp_path, capsys):
