@@ -78,7 +78,7 @@ def training_loss(log_probs: jax.Array, labels: jax.Array, label_smoothing: floa
     return (1 - label_smoothing) * nll - label_smoothing * log_probs.mean()
 
 
-def _check_batch(images: jax.Array, labels: jax.Array) -> None:
+def check_batch(images: jax.Array, labels: jax.Array) -> None:
     """Trace-time checks: they cost nothing per step and catch NCHW or integer inputs early."""
     chex.assert_rank(images, 4)
     chex.assert_shape(images, (None, IMAGE_SIZE, IMAGE_SIZE, 1))
@@ -94,7 +94,7 @@ def train_step(state: TrainState, batch: tuple[jax.Array, jax.Array], key: jax.A
     the masks depend only on the seed and the step number, and a resumed run draws the same.
     """
     images, labels = batch
-    _check_batch(images, labels)
+    check_batch(images, labels)
     step_key = jax.random.fold_in(key, state.step)
 
     def loss_fn(params):

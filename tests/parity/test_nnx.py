@@ -12,15 +12,22 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
+import torch.nn.functional as F
 from flax import nnx
 
 from bridge.convert import flax_to_torch
+from common.recipes import SEED
 from jax_impl import training as jax_training
 from jax_impl.model import Net as LinenNet
+from jax_impl.optim import learning_rate_schedule, make_optimizer
 from nnx_impl.model import Net, load_variables, variables_of
+from nnx_impl.training import create_train_state, train_step
 from tests.parity.helpers import dropout_masks, flax_variables, nchw_to_nhwc, torch_masks, torch_model
+from tests.parity.test_trajectory import BATCH, STEPS, shared_batches
 from torch_ref import training as torch_training
+from torch_ref.optim import make_scheduler
 
 ABSOLUTE = 1e-12  # log-probabilities and statistics, float64 (test_forward.py)
 RELATIVE_GRADIENT = 1e-10  # of each gradient's norm, float64 (test_gradients.py)
@@ -117,3 +124,40 @@ def test_parameter_gradients_match_pytorch(synthetic_images, synthetic_mnist, fl
     for name, grad in expected.items():
         error = np.linalg.norm(ours[name] - grad) / np.linalg.norm(grad)
         assert error < RELATIVE_GRADIENT, (name, error)
+
+
+@pytest.mark.slow
+def test_100_steps_in_float64_agree_with_pytorch_within_1e_9(synthetic_mnist, float64):
+    """test_trajectory.py's 100 steps (the shared batches, the same masks, SGD with momentum and
+    the seed recipe's schedule) through the idiomatic NNX step, `@nnx.jit train_step(model,
+    optimizer, batch)`, against PyTorch: the linen twin's bound, 1e-9 relative."""
+    batches = shared_batches(synthetic_mnist)
+    rng = np.random.default_rng(11)
+    masks = [dropout_masks(rng, BATCH) for _ in range(STEPS)]
+
+    torch_net = torch_model(seed=7, dtype=torch.float64).train()
+    model = nnx_model(torch_net, masks[0])
+    optimizer = create_train_state(model, make_optimizer(SEED, learning_rate_schedule(SEED, len(batches))))
+    torch_optimizer = torch.optim.SGD(torch_net.parameters(), lr=SEED.lr, momentum=SEED.momentum)
+    make_scheduler(torch_optimizer, SEED, len(batches))
+    torch_losses, ours = [], []
+    model.train()
+    for batch, step_masks in zip(batches, masks, strict=True):
+        torch_optimizer.zero_grad()
+        with torch_masks(torch_net, step_masks):
+            loss = F.nll_loss(torch_net(torch.as_tensor(batch.images[:, None], dtype=torch.float64)),
+                              torch.as_tensor(batch.labels))
+        loss.backward()
+        torch_optimizer.step()
+        torch_losses.append(loss.item())
+        for name, mask in step_masks.items():
+            getattr(model, name).mask[...] = jnp.asarray(nchw_to_nhwc(mask))
+        metrics = train_step(model, optimizer, (jnp.asarray(batch.images[..., None], jnp.float64),
+                                                jnp.asarray(batch.labels, jnp.int32)))
+        ours.append(float(metrics["loss_sum"]) / BATCH)
+    np.testing.assert_allclose(ours, torch_losses, rtol=1e-9)
+    weights = flax_to_torch(variables_of(model))
+    for key, value in torch_net.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            np.testing.assert_allclose(weights[key], value.numpy(), rtol=1e-9, atol=1e-12 * np.abs(value.numpy()).max(),
+                                       err_msg=key)

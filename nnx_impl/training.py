@@ -1,0 +1,78 @@
+"""JAX training the Flax NNX way: the model and its optimiser are objects updated in place, as
+in PyTorch (`optimizer.zero_grad(); loss.backward(); optimizer.step()`); read it top to bottom.
+
+1. `create_train_state`: the optimiser over the model's parameters (`nnx.Optimizer`), the
+   same optax SGD and schedule as the linen twin (jax_impl.optim).
+2. `train_step`: one SGD step, `@nnx.jit`: the loss's value and gradients (`nnx.value_and_grad`),
+   the update applied in place, the BatchNorm statistics updated in place by the forward pass.
+3. `train_epoch`: every batch of the core's `EpochPlan` through the step.
+4. `eval_step` and `predict`: eval-mode log-probabilities.
+
+The linen twin (jax_impl.training) threads a state through pure functions instead; the two
+compute the same steps (tests/parity/test_nnx.py). Dropout masks come from the model's own
+`nnx.Rngs` streams, which advance with every call and are part of its state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jax_impl.training import Metrics, check_batch, training_loss
+from nnx_impl.model import Net
+
+
+def create_train_state(model: Net, tx: optax.GradientTransformation) -> nnx.Optimizer:
+    """The optimiser of `model`'s parameters (not its BatchNorm statistics, which are no weights)."""
+    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+@nnx.jit(static_argnames="label_smoothing")
+def train_step(model: Net, optimizer: nnx.Optimizer, batch: tuple[jax.Array, jax.Array],
+               label_smoothing: float = 0.0) -> Metrics:
+    """One SGD step on (images NHWC float32, labels int32), `model` in train mode: its weights,
+    BatchNorm statistics, dropout streams and the optimiser's state change in place."""
+    images, labels = batch
+    check_batch(images, labels)
+
+    def loss_fn(model: Net) -> tuple[jax.Array, jax.Array]:
+        log_probs = model(images)
+        return training_loss(log_probs, labels, label_smoothing), log_probs
+
+    (loss, log_probs), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads)
+    return {"loss_sum": loss * labels.shape[0], "correct": jnp.sum(jnp.argmax(log_probs, axis=1) == labels)}
+
+
+def train_epoch(model: Net, optimizer: nnx.Optimizer, batches: Iterable[tuple[jax.Array, jax.Array]],
+                report: Callable[[int, Metrics], None], label_smoothing: float = 0.0) -> None:
+    """Every batch through `train_step`, one in flight: JAX dispatches step i + 1 before step i
+    has finished, and `report(images, metrics)` reads a step's metrics once the next is queued."""
+    model.train()
+    in_flight = None
+    for inputs, targets in batches:
+        metrics = train_step(model, optimizer, (inputs, targets), label_smoothing)
+        if in_flight:
+            report(*in_flight)
+        in_flight = (targets.shape[-1], metrics)
+    if in_flight:
+        report(*in_flight)
+
+
+@nnx.jit
+def eval_step(model: Net, images: jax.Array) -> jax.Array:
+    """Log-probabilities of `model` as it is (put it in eval mode first)."""
+    return model(images)
+
+
+def predict(model: Net, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Eval-mode log-probabilities of normalised images (N, 28, 28), `batch_size` at a time."""
+    model.eval()
+    parts = [np.asarray(eval_step(model, jnp.asarray(images[start : start + batch_size, ..., None])))
+             for start in range(0, len(images), batch_size)]
+    return np.concatenate(parts)
