@@ -23,7 +23,7 @@ from jax_impl import training as jax_training
 from jax_impl.model import Net as LinenNet
 from jax_impl.optim import learning_rate_schedule, make_optimizer
 from nnx_impl.model import Net, load_variables, variables_of
-from nnx_impl.training import create_train_state, train_step
+from nnx_impl.training import create_train_state, predict, train_epoch, train_step
 from tests.parity.helpers import dropout_masks, flax_variables, nchw_to_nhwc, torch_masks, torch_model
 from tests.parity.test_trajectory import BATCH, STEPS, shared_batches
 from torch_ref import training as torch_training
@@ -87,9 +87,7 @@ def test_eval_and_train_forward_and_statistics_match_pytorch(synthetic_images, f
 
     with torch.no_grad():
         expected_eval = torch_net.eval()(torch.as_tensor(images, dtype=torch.float64)).numpy()
-    model.eval()
-    np.testing.assert_allclose(np.asarray(forward(model, jnp.asarray(nchw_to_nhwc(images)))), expected_eval, rtol=0,
-                               atol=ABSOLUTE)
+    np.testing.assert_allclose(predict(model, images[:, 0], 12), expected_eval, rtol=0, atol=ABSOLUTE)  # eval mode
 
     torch_net.train()
     with torch_masks(torch_net, masks), torch.no_grad():
@@ -161,3 +159,18 @@ def test_100_steps_in_float64_agree_with_pytorch_within_1e_9(synthetic_mnist, fl
         if not key.endswith("num_batches_tracked"):
             np.testing.assert_allclose(weights[key], value.numpy(), rtol=1e-9, atol=1e-12 * np.abs(value.numpy()).max(),
                                        err_msg=key)
+
+
+def test_an_epoch_reports_every_batch_and_steps_the_optimiser_once_per_batch(synthetic_images, synthetic_mnist):
+    model = Net()
+    optimizer = create_train_state(model, make_optimizer(SEED, learning_rate_schedule(SEED, 3)))
+    images, labels = jnp.asarray(nchw_to_nhwc(synthetic_images[:48])), synthetic_mnist.train_labels[:48]
+    batches = [(images[i : i + 16], jnp.asarray(labels[i : i + 16], jnp.int32)) for i in range(0, 48, 16)]
+    model.eval()  # train_epoch switches it to train mode
+    before = variables_of(model)
+    reported = []
+    train_epoch(model, optimizer, batches, lambda count, metrics: reported.append((count, int(metrics["correct"]))))
+    assert [count for count, _ in reported] == [16, 16, 16] and all(0 <= correct <= 16 for _, correct in reported)
+    assert int(optimizer.step[...]) == 3
+    changed = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b), before, variables_of(model))
+    assert all(jax.tree_util.tree_leaves(changed))  # every weight and statistic moved
