@@ -174,3 +174,23 @@ def test_an_epoch_reports_every_batch_and_steps_the_optimiser_once_per_batch(syn
     assert int(optimizer.step[...]) == 3
     changed = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b), before, variables_of(model))
     assert all(jax.tree_util.tree_leaves(changed))  # every weight and statistic moved
+
+
+def test_recalibration_matches_pytorchs_update_bn(synthetic_mnist, float64):
+    """update_bn with dropout off (torch_ref.recalibration) against the NNX pass, 640 images in
+    batches of 96 and a last one of 64: test_recalibration.py's float64 bound, 1e-10."""
+    from common.transforms import normalize
+    from nnx_impl.recalibration import recalibrate_batchnorm as recalibrate_nnx
+    from torch_ref.recalibration import recalibrate_batchnorm as recalibrate_torch
+
+    torch_net = torch_model(seed=2, dtype=torch.float64)
+    model = nnx_model(torch_net)
+    images = normalize(synthetic_mnist.train_images).astype(np.float64)
+    recalibrate_torch(torch_net, images, 96, torch.device("cpu"))
+    recalibrate_nnx(model, images, 96, jax.devices("cpu")[0])
+    ours = flax_to_torch(variables_of(model))
+    for key, value in torch_net.state_dict().items():
+        if "running" in key:
+            np.testing.assert_allclose(ours[key], value.numpy(), rtol=1e-10, atol=1e-10, err_msg=key)
+        elif not key.endswith("num_batches_tracked"):
+            np.testing.assert_array_equal(ours[key], value.numpy(), err_msg=key)  # no weight changed
