@@ -194,3 +194,47 @@ def test_recalibration_matches_pytorchs_update_bn(synthetic_mnist, float64):
             np.testing.assert_allclose(ours[key], value.numpy(), rtol=1e-10, atol=1e-10, err_msg=key)
         elif not key.endswith("num_batches_tracked"):
             np.testing.assert_array_equal(ours[key], value.numpy(), err_msg=key)  # no weight changed
+
+
+def test_a_checkpoint_continues_the_run_exactly_and_one_that_does_not_fit_changes_nothing(
+        synthetic_images, synthetic_mnist, tmp_path):
+    """Two steps, a checkpoint, a third step; against the checkpoint read back into a fresh model
+    and optimiser, and the third step there: the same weights, statistics and optimiser state,
+    bit for bit. A checkpoint of another shape is named and leaves the model as it was."""
+    from common.errors import CheckpointError
+    from nnx_impl.checkpoints import checkpoint_bytes, read_checkpoint, restore, training_state
+
+    tx = make_optimizer(SEED, learning_rate_schedule(SEED, 3))
+    images = jnp.asarray(nchw_to_nhwc(synthetic_images[:48]))
+    labels = jnp.asarray(synthetic_mnist.train_labels[:48], jnp.int32)
+    batches = [(images[i : i + 16], labels[i : i + 16]) for i in range(0, 48, 16)]
+
+    def fresh() -> tuple[Net, nnx.Optimizer]:
+        model = Net(dropout=0.0)  # dropout off: the masks' streams are not part of this state
+        return model, create_train_state(model, tx)
+
+    model, optimizer = fresh()
+    model.train()
+    for batch in batches[:2]:
+        train_step(model, optimizer, batch)
+    path = tmp_path / "checkpoint.msgpack"
+    path.write_bytes(checkpoint_bytes(model, optimizer, {"framework": "nnx", "epoch": 1}))
+    train_step(model, optimizer, batches[2])
+
+    resumed, resumed_optimizer = fresh()
+    meta, payload = read_checkpoint(path)
+    assert meta["epoch"] == 1
+    restore(resumed, resumed_optimizer, payload)
+    resumed.train()
+    train_step(resumed, resumed_optimizer, batches[2])
+    for got, want in zip(jax.tree_util.tree_leaves(training_state(resumed, resumed_optimizer)),
+                         jax.tree_util.tree_leaves(training_state(model, optimizer)), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+    payload["state"]["variables"]["params"]["conv1"]["kernel"] = np.zeros((3, 3, 1, 4), np.float32)
+    before = training_state(resumed, resumed_optimizer)
+    with pytest.raises(CheckpointError, match="/variables/params/conv1/kernel has shape"):
+        restore(resumed, resumed_optimizer, payload)
+    for got, want in zip(jax.tree_util.tree_leaves(training_state(resumed, resumed_optimizer)),
+                         jax.tree_util.tree_leaves(before), strict=True):
+        np.testing.assert_array_equal(got, want)

@@ -1,0 +1,76 @@
+"""Flax NNX checkpoints and weights files: msgpack (flax.serialization), as the linen twin's.
+
+An NNX run's state is two objects, the model and its optimiser; a checkpoint holds both as
+plain arrays (`nnx.to_pure_dict`): the model's variables in the linen twin's very trees, and
+the optimiser's step and optax state. Loading never runs code, and the SHA-256 of
+common.checkpoints covers every array.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx, serialization
+
+from common.checkpoints import checkpoint_meta, sealed_meta, unreadable
+from common.errors import CheckpointError
+from common.settings import FrameworkNames
+from nnx_impl.model import Net, load_variables, variables_of
+
+NAMES = FrameworkNames(name="nnx", title="Flax NNX", checkpoint_name="checkpoint.msgpack", model_name="model.msgpack")
+CHECKPOINT_KEYS = {"meta", "state"}
+
+
+def training_state(model: Net, optimizer: nnx.Optimizer) -> dict:
+    """The whole training state as plain arrays: {"variables": ..., "optimizer": ...}."""
+    return jax.device_get({"variables": variables_of(model), "optimizer": nnx.to_pure_dict(nnx.state(optimizer))})
+
+
+def checkpoint_bytes(model: Net, optimizer: nnx.Optimizer, meta: dict) -> bytes:
+    """The model, its optimiser and `meta`, as msgpack. The digest is taken over the contents as
+    msgpack gives them back (NumPy arrays), so that loading can recompute it."""
+    contents = {"state": serialization.msgpack_restore(serialization.msgpack_serialize(training_state(model,
+                                                                                                       optimizer)))}
+    return serialization.msgpack_serialize({"meta": sealed_meta(meta, contents), **contents})
+
+
+def restore(model: Net, optimizer: nnx.Optimizer, payload: dict) -> None:
+    """Continue `model` and `optimizer` in place from a checkpoint's payload (`read_checkpoint`),
+    every name and shape checked first, so that a checkpoint that does not fit changes nothing."""
+    saved = payload["state"]
+    expected = training_state(model, optimizer)
+    _check_fits(expected, saved, "the checkpoint")
+    load_variables(model, saved["variables"])
+    state = nnx.state(optimizer)
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map(np.asarray, saved["optimizer"]))
+    nnx.update(optimizer, state)
+
+
+def _check_fits(expected: dict, saved: object, what: str, path: str = "") -> None:
+    """Every key of `expected` in `saved`, with the same shape; the first misfit named."""
+    if isinstance(expected, dict):
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{what} does not fit this model and recipe: {path or 'its state'} is not a tree")
+        for key, value in expected.items():
+            if key not in saved:
+                raise CheckpointError(f"{what} does not fit this model and recipe: {path}/{key} is missing")
+            _check_fits(value, saved[key], what, f"{path}/{key}")
+    elif np.shape(expected) != np.shape(saved):
+        raise CheckpointError(f"{what} does not fit the model: {path} has shape {np.shape(saved)}, the model needs "
+                              f"{np.shape(expected)}")
+
+
+def _load(path: Path) -> object:
+    """msgpack_restore: plain arrays and strings only, so loading never executes code."""
+    try:
+        return serialization.msgpack_restore(Path(path).read_bytes())
+    except Exception as error:  # msgpack raises several types for truncated or foreign files
+        raise unreadable(path, NAMES.title, error) from error
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict]:
+    """(meta, payload) of a training checkpoint; payload["state"] is `training_state`'s tree."""
+    payload = _load(path)
+    return checkpoint_meta(payload, path, NAMES.name, "nnx_impl", CHECKPOINT_KEYS), payload
