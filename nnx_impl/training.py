@@ -9,8 +9,7 @@ in PyTorch (`optimizer.zero_grad(); loss.backward(); optimizer.step()`); read it
 4. `eval_step` and `predict`: eval-mode log-probabilities.
 
 The linen twin (jax_impl.training) threads a state through pure functions instead; the two
-compute the same steps (tests/parity/test_nnx.py). Dropout masks come from the model's own
-`nnx.Rngs` streams, which advance with every call and are part of its state.
+compute the same steps (tests/parity/test_nnx.py).
 """
 
 from __future__ import annotations
@@ -33,12 +32,19 @@ def create_train_state(model: Net, tx: optax.GradientTransformation) -> nnx.Opti
 
 
 @nnx.jit(static_argnames="label_smoothing")
-def train_step(model: Net, optimizer: nnx.Optimizer, batch: tuple[jax.Array, jax.Array],
+def train_step(model: Net, optimizer: nnx.Optimizer, batch: tuple[jax.Array, jax.Array], key: jax.Array,
                label_smoothing: float = 0.0) -> Metrics:
     """One SGD step on (images NHWC float32, labels int32), `model` in train mode: its weights,
-    BatchNorm statistics, dropout streams and the optimiser's state change in place."""
+    BatchNorm statistics and the optimiser's state change in place.
+
+    `key` is the run's dropout key; the model's random streams are reseeded with
+    fold_in(key, step) first, so that the masks depend only on the seed and the step number (as
+    the linen twin's do), and a resumed run draws the same without saving any stream's state.
+    """
     images, labels = batch
     check_batch(images, labels)
+    step_key = jax.random.fold_in(key, optimizer.step[...])
+    nnx.reseed(model, default=step_key, dropout=step_key)  # whichever stream its Dropout layers draw from
 
     def loss_fn(model: Net) -> tuple[jax.Array, jax.Array]:
         log_probs = model(images)
@@ -49,14 +55,14 @@ def train_step(model: Net, optimizer: nnx.Optimizer, batch: tuple[jax.Array, jax
     return {"loss_sum": loss * labels.shape[0], "correct": jnp.sum(jnp.argmax(log_probs, axis=1) == labels)}
 
 
-def train_epoch(model: Net, optimizer: nnx.Optimizer, batches: Iterable[tuple[jax.Array, jax.Array]],
+def train_epoch(model: Net, optimizer: nnx.Optimizer, key: jax.Array, batches: Iterable[tuple[jax.Array, jax.Array]],
                 report: Callable[[int, Metrics], None], label_smoothing: float = 0.0) -> None:
     """Every batch through `train_step`, one in flight: JAX dispatches step i + 1 before step i
     has finished, and `report(images, metrics)` reads a step's metrics once the next is queued."""
     model.train()
     in_flight = None
     for inputs, targets in batches:
-        metrics = train_step(model, optimizer, (inputs, targets), label_smoothing)
+        metrics = train_step(model, optimizer, (inputs, targets), key, label_smoothing)
         if in_flight:
             report(*in_flight)
         in_flight = (targets.shape[-1], metrics)

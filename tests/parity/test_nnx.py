@@ -151,7 +151,7 @@ def test_100_steps_in_float64_agree_with_pytorch_within_1e_9(synthetic_mnist, fl
         for name, mask in step_masks.items():
             getattr(model, name).mask[...] = jnp.asarray(nchw_to_nhwc(mask))
         metrics = train_step(model, optimizer, (jnp.asarray(batch.images[..., None], jnp.float64),
-                                                jnp.asarray(batch.labels, jnp.int32)))
+                                                jnp.asarray(batch.labels, jnp.int32)), jax.random.key(0))
         ours.append(float(metrics["loss_sum"]) / BATCH)
     np.testing.assert_allclose(ours, torch_losses, rtol=1e-9)
     weights = flax_to_torch(variables_of(model))
@@ -169,7 +169,8 @@ def test_an_epoch_reports_every_batch_and_steps_the_optimiser_once_per_batch(syn
     model.eval()  # train_epoch switches it to train mode
     before = variables_of(model)
     reported = []
-    train_epoch(model, optimizer, batches, lambda count, metrics: reported.append((count, int(metrics["correct"]))))
+    train_epoch(model, optimizer, jax.random.key(0), batches,
+                lambda count, metrics: reported.append((count, int(metrics["correct"]))))
     assert [count for count, _ in reported] == [16, 16, 16] and all(0 <= correct <= 16 for _, correct in reported)
     assert int(optimizer.step[...]) == 3
     changed = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b), before, variables_of(model))
@@ -199,8 +200,9 @@ def test_recalibration_matches_pytorchs_update_bn(synthetic_mnist, float64):
 def test_a_checkpoint_continues_the_run_exactly_and_one_that_does_not_fit_changes_nothing(
         synthetic_images, synthetic_mnist, tmp_path):
     """Two steps, a checkpoint, a third step; against the checkpoint read back into a fresh model
-    and optimiser, and the third step there: the same weights, statistics and optimiser state,
-    bit for bit. A checkpoint of another shape is named and leaves the model as it was."""
+    and optimiser (built from another seed), and the third step there: the same weights,
+    statistics and optimiser state, bit for bit, dropout included (its masks come from the run's
+    key and the step). A checkpoint of another shape is named and leaves the model as it was."""
     from common.errors import CheckpointError
     from nnx_impl.checkpoints import checkpoint_bytes, read_checkpoint, restore, training_state
 
@@ -209,24 +211,25 @@ def test_a_checkpoint_continues_the_run_exactly_and_one_that_does_not_fit_change
     labels = jnp.asarray(synthetic_mnist.train_labels[:48], jnp.int32)
     batches = [(images[i : i + 16], labels[i : i + 16]) for i in range(0, 48, 16)]
 
-    def fresh() -> tuple[Net, nnx.Optimizer]:
-        model = Net(dropout=0.0)  # dropout off: the masks' streams are not part of this state
+    def fresh(seed: int) -> tuple[Net, nnx.Optimizer]:
+        model = Net(rngs=nnx.Rngs(seed))
         return model, create_train_state(model, tx)
 
-    model, optimizer = fresh()
+    key = jax.random.key(9)
+    model, optimizer = fresh(0)
     model.train()
     for batch in batches[:2]:
-        train_step(model, optimizer, batch)
+        train_step(model, optimizer, batch, key)
     path = tmp_path / "checkpoint.msgpack"
     path.write_bytes(checkpoint_bytes(model, optimizer, {"framework": "nnx", "epoch": 1}))
-    train_step(model, optimizer, batches[2])
+    train_step(model, optimizer, batches[2], key)
 
-    resumed, resumed_optimizer = fresh()
+    resumed, resumed_optimizer = fresh(1)
     meta, payload = read_checkpoint(path)
     assert meta["epoch"] == 1
     restore(resumed, resumed_optimizer, payload)
     resumed.train()
-    train_step(resumed, resumed_optimizer, batches[2])
+    train_step(resumed, resumed_optimizer, batches[2], key)
     for got, want in zip(jax.tree_util.tree_leaves(training_state(resumed, resumed_optimizer)),
                          jax.tree_util.tree_leaves(training_state(model, optimizer)), strict=True):
         np.testing.assert_array_equal(got, want)
