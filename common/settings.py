@@ -106,9 +106,8 @@ def settings_from_args(names: FrameworkNames, args: argparse.Namespace, resumed_
                               "short and full epochs. Resume it as it was started, or start a new run.")
     options["validation"] = saved["validation"]
     options["save_model"] = args.save_model or saved.get("save_model", False)
-    options["devices"] = args.devices if args.devices is not None else saved.get("devices")
-    if isinstance(options["devices"], int):
-        check_even_shards(recipe.batch_size, None, options["devices"])
+    if isinstance(args.devices, int):  # the checkpoint's, unless given (each trainer's devices_to_resume)
+        check_even_shards(recipe.batch_size, None, args.devices)
     run_dir = checkpoint_path(names, args.resume).parent
     out = Path(args.out) if args.out else run_dir
     if writes and out.resolve() != run_dir.resolve():
