@@ -12,6 +12,9 @@ so one weight mapping serves both (`variables_of`, `load_variables`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -41,14 +44,20 @@ class BatchNorm2d(nnx.Module):
         scale, bias = self.scale[...], self.bias[...]
         if self.use_running_average:
             return (x - self.mean[...]) * lax.rsqrt(self.var[...] + self.epsilon) * scale + bias
-        axes = tuple(range(x.ndim - 1))
-        mean = x.mean(axes)
-        var = jnp.square(x - mean).mean(axes)  # two passes, no cancellation (as PyTorch)
+        y, mean, var = self.normalize_with_batch_statistics(x, scale, bias)
         # The running averages are bookkeeping, not part of the loss: no gradient flows into them.
         unbiased = lax.stop_gradient(var) * bessel_correction(x.size // x.shape[-1])
         self.mean[...] = (1 - self.momentum) * self.mean[...] + self.momentum * lax.stop_gradient(mean)
         self.var[...] = (1 - self.momentum) * self.var[...] + self.momentum * unbiased
-        return (x - mean) * lax.rsqrt(var + self.epsilon) * scale + bias
+        return y
+
+    def normalize_with_batch_statistics(self, x: jax.Array, scale: jax.Array,
+                                        bias: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(normalised x, batch mean, biased batch variance) over all axes but the channels."""
+        axes = tuple(range(x.ndim - 1))
+        mean = x.mean(axes)
+        var = jnp.square(x - mean).mean(axes)  # two passes, no cancellation (as PyTorch)
+        return (x - mean) * lax.rsqrt(var + self.epsilon) * scale + bias, mean, var
 
 
 class MaxPool2d(nnx.Module):
@@ -68,27 +77,43 @@ class AvgPool2d(nnx.Module):
         return nnx.avg_pool(x, (self.window, self.window), strides=(self.window, self.window))
 
 
+@dataclass(frozen=True)
+class Layers:
+    """The implementation of each kind of layer `Net` is built from, as in the linen twin: the
+    convolution function `nnx.Conv` calls, and the BatchNorm, Dropout and max-pool classes."""
+
+    conv_general_dilated: Callable
+    batchnorm: type[BatchNorm2d]
+    dropout: type[nnx.Dropout]
+    max_pool: type[MaxPool2d]
+
+
+PLAIN_LAYERS = Layers(conv_general_dilated=lax.conv_general_dilated, batchnorm=BatchNorm2d, dropout=nnx.Dropout,
+                      max_pool=MaxPool2d)
+
+
 class Net(nnx.Module):
     """4,328 parameters; (N, 28, 28, 1) normalised images -> (N, 10) log-probabilities.
 
     Built in train mode, as a PyTorch module is; `model.eval()` switches to the running
-    statistics and turns dropout off. `rngs` seeds the weights and the dropout masks (default
+    statistics and turns dropout off. `layers` swaps in other implementations of the same layers
+    (nnx_impl.fast.layers); `rngs` seeds the weights and the dropout masks (default
     `nnx.Rngs(0)`, so that `Net()` alone builds it)."""
 
-    def __init__(self, dropout: float = DROPOUT_RATE, *, rngs: nnx.Rngs | None = None):
+    def __init__(self, dropout: float = DROPOUT_RATE, layers: Layers = PLAIN_LAYERS, *, rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
 
         def conv(channels_in: int, channels_out: int, size: int) -> nnx.Conv:
             return nnx.Conv(channels_in, channels_out, (size, size), padding="VALID", use_bias=False,
-                            kernel_init=torch_conv_init, rngs=rngs)
+                            kernel_init=torch_conv_init, conv_general_dilated=layers.conv_general_dilated, rngs=rngs)
 
-        self.conv1, self.bn1 = conv(1, 8, 3), BatchNorm2d(8)
-        self.conv2, self.bn2 = conv(8, 16, 3), BatchNorm2d(16)
-        self.drop1, self.pool1 = nnx.Dropout(dropout, rngs=rngs), MaxPool2d()
-        self.conv3, self.bn3 = conv(16, 8, 1), BatchNorm2d(8)
-        self.conv4, self.bn4 = conv(8, 16, 3), BatchNorm2d(16)
-        self.drop2, self.pool2 = nnx.Dropout(dropout, rngs=rngs), MaxPool2d()
-        self.conv5, self.bn5 = conv(16, 16, 1), BatchNorm2d(16)
+        self.conv1, self.bn1 = conv(1, 8, 3), layers.batchnorm(8)
+        self.conv2, self.bn2 = conv(8, 16, 3), layers.batchnorm(16)
+        self.drop1, self.pool1 = layers.dropout(dropout, rngs=rngs), layers.max_pool()
+        self.conv3, self.bn3 = conv(16, 8, 1), layers.batchnorm(8)
+        self.conv4, self.bn4 = conv(8, 16, 3), layers.batchnorm(16)
+        self.drop2, self.pool2 = layers.dropout(dropout, rngs=rngs), layers.max_pool()
+        self.conv5, self.bn5 = conv(16, 16, 1), layers.batchnorm(16)
         self.conv6 = conv(16, 10, 3)
         self.gap1 = AvgPool2d(3)
 
