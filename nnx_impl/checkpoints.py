@@ -8,6 +8,7 @@ common.checkpoints covers every array.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -17,6 +18,7 @@ from flax import nnx, serialization
 from common.checkpoints import checkpoint_meta, sealed_meta, unreadable
 from common.errors import CheckpointError
 from common.settings import FrameworkNames
+from jax_impl.checkpoints import read_weights as read_linen_weights
 from nnx_impl.model import Net, load_variables, variables_of
 
 NAMES = FrameworkNames(name="nnx", title="Flax NNX", checkpoint_name="checkpoint.msgpack", model_name="model.msgpack")
@@ -41,14 +43,14 @@ def restore(model: Net, optimizer: nnx.Optimizer, payload: dict) -> None:
     every name and shape checked first, so that a checkpoint that does not fit changes nothing."""
     saved = payload["state"]
     expected = training_state(model, optimizer)
-    _check_fits(expected, saved, "the checkpoint")
+    check_fits(expected, saved, "the checkpoint")
     load_variables(model, saved["variables"])
     state = nnx.state(optimizer)
     nnx.replace_by_pure_dict(state, jax.tree_util.tree_map(np.asarray, saved["optimizer"]))
     nnx.update(optimizer, state)
 
 
-def _check_fits(expected: dict, saved: object, what: str, path: str = "") -> None:
+def check_fits(expected: dict, saved: object, what: str, path: str = "") -> None:
     """Every key of `expected` in `saved`, with the same shape; the first misfit named."""
     if isinstance(expected, dict):
         if not isinstance(saved, dict):
@@ -56,7 +58,7 @@ def _check_fits(expected: dict, saved: object, what: str, path: str = "") -> Non
         for key, value in expected.items():
             if key not in saved:
                 raise CheckpointError(f"{what} does not fit this model and recipe: {path}/{key} is missing")
-            _check_fits(value, saved[key], what, f"{path}/{key}")
+            check_fits(value, saved[key], what, f"{path}/{key}")
     elif np.shape(expected) != np.shape(saved):
         raise CheckpointError(f"{what} does not fit the model: {path} has shape {np.shape(saved)}, the model needs "
                               f"{np.shape(expected)}")
@@ -74,3 +76,20 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
     """(meta, payload) of a training checkpoint; payload["state"] is `training_state`'s tree."""
     payload = _load(path)
     return checkpoint_meta(payload, path, NAMES.name, "nnx_impl", CHECKPOINT_KEYS), payload
+
+
+def read_weights(path: Path) -> dict:
+    """Variables {"params", "batch_stats"} from an NNX checkpoint, or from anything the linen twin
+    reads (its checkpoints, --save-model files, a converted PyTorch model): the trees are the same."""
+    payload = _load(path)
+    if isinstance(payload, dict) and "meta" in payload and _framework_of(payload) == NAMES.name:
+        checkpoint_meta(payload, path, NAMES.name, "nnx_impl", CHECKPOINT_KEYS)
+        return payload["state"]["variables"]
+    return read_linen_weights(path)
+
+
+def _framework_of(payload: dict) -> str | None:
+    try:
+        return json.loads(payload["meta"]).get("framework")
+    except (TypeError, ValueError, AttributeError):
+        return None  # damaged metadata: the linen reader names the problem

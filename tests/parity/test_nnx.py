@@ -260,3 +260,34 @@ def test_fast_dropout_drops_at_its_rate_and_scales_what_it_keeps():
     assert not np.array_equal(first, second)  # the stream advanced
     model.eval()
     np.testing.assert_array_equal(np.asarray(model.drop1(ones)), np.asarray(ones))
+
+
+def test_nnx_evaluate_reads_what_the_linen_twin_writes_and_its_own_checkpoints(synthetic_dir, tmp_path, capsys):
+    """The weights of a PyTorch model, converted and written as the linen twin's model file, give
+    the NNX evaluate command the linen one's loss and predictions (and after recalibration the
+    same statistics); an NNX checkpoint is read as well. float32, the commands' own precision:
+    the two Flax APIs run the same operations, so their results agree to float32 rounding."""
+    from common import evaluation
+    from jax_impl import evaluate as linen_evaluate
+    from jax_impl.checkpoints import model_bytes
+    from nnx_impl import evaluate as nnx_evaluate
+    from nnx_impl.checkpoints import NAMES, checkpoint_bytes
+
+    weights = tmp_path / "model.msgpack"
+    weights.write_bytes(model_bytes(flax_variables(torch_model(seed=4))))
+    for recalibration in (None, 64):
+        ours, theirs = (evaluation.evaluate_file(module.WEIGHTS, weights, synthetic_dir, device="cpu", ops="plain",
+                                                 recalibration_batch_size=recalibration)
+                        for module in (nnx_evaluate, linen_evaluate))
+        # A prediction differs only where two log-probabilities lie within float32 rounding (~1e-6) of
+        # each other, which at most one of these 160 images may do on some CPU; the mean loss, of
+        # order 1, moves by a few float32 ulps.
+        assert np.sum(ours.predictions != theirs.predictions) <= 1 and abs(ours.loss - theirs.loss) < 1e-5
+
+    model = Net()
+    optimizer = create_train_state(model, make_optimizer(SEED, learning_rate_schedule(SEED, 1)))
+    checkpoint = tmp_path / "checkpoint.msgpack"
+    checkpoint.write_bytes(checkpoint_bytes(model, optimizer, {"framework": "nnx", "epoch": 1}))
+    assert evaluation.main(NAMES, "nnx_impl.evaluate", nnx_evaluate.WEIGHTS,
+                           [str(checkpoint), "--data-dir", str(synthetic_dir), "--device", "cpu"]) == 0
+    assert "(Flax NNX): test loss" in capsys.readouterr().out
