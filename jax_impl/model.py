@@ -68,11 +68,17 @@ class BatchNorm2d(nn.Module):
 
     def normalize_with_batch_statistics(self, x: jax.Array, scale: jax.Array,
                                         bias: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(normalised x, batch mean, biased batch variance) over all axes but the channels."""
-        axes = tuple(range(x.ndim - 1))
-        mean = x.mean(axes)
-        var = jnp.square(x - mean).mean(axes)  # two passes, no cancellation (as PyTorch)
-        return (x - mean) * lax.rsqrt(var + self.epsilon) * scale + bias, mean, var
+        return normalize_with_batch_statistics(x, scale, bias, self.epsilon)
+
+
+def normalize_with_batch_statistics(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                                    epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(normalised x, batch mean, biased batch variance) over all axes but the channels; both
+    Flax twins' BatchNorm (the NNX one in nnx_impl.model)."""
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axes)
+    var = jnp.square(x - mean).mean(axes)  # two passes, no cancellation (as PyTorch)
+    return (x - mean) * lax.rsqrt(var + epsilon) * scale + bias, mean, var
 
 
 class MaxPool2d(nn.Module):

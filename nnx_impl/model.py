@@ -21,7 +21,7 @@ from flax import nnx
 from jax import lax
 
 from common.spec import BATCHNORM_EPS, BATCHNORM_MOMENTUM, DROPOUT_RATE
-from jax_impl.model import bessel_correction, torch_conv_init
+from jax_impl.model import bessel_correction, normalize_with_batch_statistics, torch_conv_init
 
 
 class BatchNorm2d(nnx.Module):
@@ -53,11 +53,8 @@ class BatchNorm2d(nnx.Module):
 
     def normalize_with_batch_statistics(self, x: jax.Array, scale: jax.Array,
                                         bias: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(normalised x, batch mean, biased batch variance) over all axes but the channels."""
-        axes = tuple(range(x.ndim - 1))
-        mean = x.mean(axes)
-        var = jnp.square(x - mean).mean(axes)  # two passes, no cancellation (as PyTorch)
-        return (x - mean) * lax.rsqrt(var + self.epsilon) * scale + bias, mean, var
+        """(normalised x, batch mean, biased batch variance): the linen twin's computation."""
+        return normalize_with_batch_statistics(x, scale, bias, self.epsilon)
 
 
 class MaxPool2d(nnx.Module):

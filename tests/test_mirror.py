@@ -64,6 +64,7 @@ FRAMEWORK_ONLY = {
     ("jax_impl", "model", "torch_conv_init"): "PyTorch's default initialisation, which Flax does not have",
     ("jax_impl", "model", "bessel_correction"): "PyTorch's unbiased running variance",
     ("jax_impl", "model", "BatchNorm2d"): "nn.BatchNorm2d's semantics, which Flax's BatchNorm does not have",
+    ("jax_impl", "model", "normalize_with_batch_statistics"): "BatchNorm's training-mode maths, shared with NNX",
     ("jax_impl", "model", "MaxPool2d"): "nn.MaxPool2d as a swappable layer",
     ("jax_impl", "model", "AvgPool2d"): "nn.AvgPool2d as a swappable layer",
     ("jax_impl", "model", "Layers"): "the layer implementations the model is built from (plain or fast)",
