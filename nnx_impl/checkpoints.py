@@ -1,8 +1,9 @@
 """Flax NNX checkpoints and weights files: msgpack (flax.serialization), as the linen twin's.
 
-An NNX run's state is two objects, the model and its optimiser; a checkpoint holds both as
-plain arrays (`nnx.to_pure_dict`): the model's variables in the linen twin's very trees, and
-the optimiser's step and optax state. Loading never runs code, and the SHA-256 of
+An NNX run's state is two or three objects, the model, its optimiser and the recipe's weight
+average; a checkpoint holds them as plain arrays (`nnx.to_pure_dict`): the model's variables in
+the linen twin's very trees, the optimiser's step and optax state, and the average's count and
+variables (the linen twin's `WeightAverage` fields). Loading never runs code, and the SHA-256 of
 common.checkpoints covers every array.
 """
 
@@ -19,35 +20,51 @@ from common.checkpoints import checkpoint_meta, sealed_meta, unreadable
 from common.errors import CheckpointError
 from common.settings import FrameworkNames
 from jax_impl.checkpoints import read_weights as read_linen_weights
+from nnx_impl.averaging import AveragedModel
 from nnx_impl.model import Net, load_variables, variables_of
 
 NAMES = FrameworkNames(name="nnx", title="Flax NNX", checkpoint_name="checkpoint.msgpack", model_name="model.msgpack")
 CHECKPOINT_KEYS = {"meta", "state"}
 
 
-def training_state(model: Net, optimizer: nnx.Optimizer) -> dict:
-    """The whole training state as plain arrays: {"variables": ..., "optimizer": ...}."""
-    return jax.device_get({"variables": variables_of(model), "optimizer": nnx.to_pure_dict(nnx.state(optimizer))})
+def training_state(model: Net, optimizer: nnx.Optimizer, averaged: AveragedModel | None = None) -> dict:
+    """The whole training state as plain arrays: {"variables", "optimizer"} and, where the recipe
+    keeps an average, "averaged": {"count", "variables"}."""
+    state = {"variables": variables_of(model), "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
+    if averaged is not None:
+        state["averaged"] = {"count": averaged.n_averaged[...], "variables": variables_of(averaged.module)}
+    return jax.device_get(state)
 
 
-def checkpoint_bytes(model: Net, optimizer: nnx.Optimizer, meta: dict) -> bytes:
-    """The model, its optimiser and `meta`, as msgpack. The digest is taken over the contents as
-    msgpack gives them back (NumPy arrays), so that loading can recompute it."""
-    contents = {"state": serialization.msgpack_restore(serialization.msgpack_serialize(training_state(model,
-                                                                                                       optimizer)))}
+def checkpoint_bytes(model: Net, optimizer: nnx.Optimizer, averaged: AveragedModel | None, meta: dict) -> bytes:
+    """The model, its optimiser, its average and `meta`, as msgpack. The digest is taken over the
+    contents as msgpack gives them back (NumPy arrays), so that loading can recompute it."""
+    contents = {"state": serialization.msgpack_restore(serialization.msgpack_serialize(
+        training_state(model, optimizer, averaged)))}
     return serialization.msgpack_serialize({"meta": sealed_meta(meta, contents), **contents})
 
 
-def restore(model: Net, optimizer: nnx.Optimizer, payload: dict) -> None:
-    """Continue `model` and `optimizer` in place from a checkpoint's payload (`read_checkpoint`),
-    every name and shape checked first, so that a checkpoint that does not fit changes nothing."""
+def model_bytes(model: Net) -> bytes:
+    """The model's variables {"params", "batch_stats"} alone, for --save-model: the linen twin's file."""
+    return serialization.msgpack_serialize(jax.device_get(variables_of(model)))
+
+
+def restore(model: Net, optimizer: nnx.Optimizer, averaged: AveragedModel | None, payload: dict) -> None:
+    """Continue `model`, `optimizer` and `averaged` in place from a checkpoint's payload
+    (`read_checkpoint`), every name and shape checked first, so that a checkpoint that does not
+    fit changes nothing."""
     saved = payload["state"]
-    expected = training_state(model, optimizer)
+    expected = training_state(model, optimizer, averaged)
     check_fits(expected, saved, "the checkpoint")
+    if averaged is None and "averaged" in saved:
+        raise CheckpointError("the checkpoint keeps a weight average that this recipe does not")
     load_variables(model, saved["variables"])
     state = nnx.state(optimizer)
     nnx.replace_by_pure_dict(state, jax.tree_util.tree_map(np.asarray, saved["optimizer"]))
     nnx.update(optimizer, state)
+    if averaged is not None:
+        load_variables(averaged.module, saved["averaged"]["variables"])
+        averaged.n_averaged[...] = np.asarray(saved["averaged"]["count"])
 
 
 def check_fits(expected: dict, saved: object, what: str, path: str = "") -> None:
@@ -79,12 +96,14 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
 
 
 def read_weights(path: Path) -> dict:
-    """Variables {"params", "batch_stats"} from an NNX checkpoint, or from anything the linen twin
+    """Variables {"params", "batch_stats"} from an NNX checkpoint (the averaged ones, where its
+    recipe keeps an average), or from anything the linen twin
     reads (its checkpoints, --save-model files, a converted PyTorch model): the trees are the same."""
     payload = _load(path)
     if isinstance(payload, dict) and "meta" in payload and _framework_of(payload) == NAMES.name:
         checkpoint_meta(payload, path, NAMES.name, "nnx_impl", CHECKPOINT_KEYS)
-        return payload["state"]["variables"]
+        averaged = payload["state"].get("averaged")
+        return averaged["variables"] if averaged and int(averaged["count"]) > 0 else payload["state"]["variables"]
     return read_linen_weights(path)
 
 

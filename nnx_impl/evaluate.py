@@ -34,8 +34,7 @@ def predict_with_weights(variables: dict, images: np.ndarray, batch_size: int, d
                          ops: str = "auto") -> np.ndarray:
     """Eval-mode log-probabilities of normalised images (N, 28, 28) under `variables`."""
     jax_device, model = placed(variables, device, ops)
-    with jax.default_device(jax_device):
-        return predict(model, images, batch_size)
+    return predict(model, images, batch_size, jax_device)
 
 
 def recalibrate_weights(variables: dict, images: np.ndarray, batch_size: int, device: str = "auto",

@@ -6,7 +6,9 @@ in PyTorch (`optimizer.zero_grad(); loss.backward(); optimizer.step()`); read it
 2. `train_step`: one SGD step, `@nnx.jit`: the loss's value and gradients (`nnx.value_and_grad`),
    the update applied in place, the BatchNorm statistics updated in place by the forward pass.
 3. `train_epoch`: every batch of the core's `EpochPlan` through the step.
-4. `eval_step` and `predict`: eval-mode log-probabilities.
+4. `swa_step`: the weights taken into their average at the end of an epoch (an EMA is taken in
+   `train_step`); the average is an `nnx.Module` too (nnx_impl.averaging).
+5. `eval_step` and `predict`: eval-mode log-probabilities.
 
 The linen twin (jax_impl.training) threads a state through pure functions instead; the two
 compute the same steps (tests/parity/test_nnx.py).
@@ -22,8 +24,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jax_impl import training as linen_training
 from jax_impl.training import Metrics, check_batch, training_loss
-from nnx_impl.model import Net
+from nnx_impl.averaging import AveragedModel
+from nnx_impl.model import Net, variables_of
 
 
 def create_train_state(model: Net, tx: optax.GradientTransformation) -> nnx.Optimizer:
@@ -33,9 +37,10 @@ def create_train_state(model: Net, tx: optax.GradientTransformation) -> nnx.Opti
 
 @nnx.jit(static_argnames="label_smoothing")
 def train_step(model: Net, optimizer: nnx.Optimizer, batch: tuple[jax.Array, jax.Array], key: jax.Array,
-               label_smoothing: float = 0.0) -> Metrics:
+               label_smoothing: float = 0.0, averaged: AveragedModel | None = None) -> Metrics:
     """One SGD step on (images NHWC float32, labels int32), `model` in train mode: its weights,
-    BatchNorm statistics and the optimiser's state change in place.
+    BatchNorm statistics and the optimiser's state change in place, and an EMA `averaged` takes
+    the new weights in (as torch_ref's step calls update_parameters after optimizer.step()).
 
     `key` is the run's dropout key; the model's random streams are reseeded with
     fold_in(key, step) first, so that the masks depend only on the seed and the step number (as
@@ -52,17 +57,20 @@ def train_step(model: Net, optimizer: nnx.Optimizer, batch: tuple[jax.Array, jax
 
     (loss, log_probs), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
+    if averaged is not None and averaged.ema_decay is not None:
+        averaged.update_parameters(model)
     return {"loss_sum": loss * labels.shape[0], "correct": jnp.sum(jnp.argmax(log_probs, axis=1) == labels)}
 
 
 def train_epoch(model: Net, optimizer: nnx.Optimizer, key: jax.Array, batches: Iterable[tuple[jax.Array, jax.Array]],
-                report: Callable[[int, Metrics], None], label_smoothing: float = 0.0) -> None:
+                report: Callable[[int, Metrics], None], label_smoothing: float = 0.0,
+                averaged: AveragedModel | None = None) -> None:
     """Every batch through `train_step`, one in flight: JAX dispatches step i + 1 before step i
     has finished, and `report(images, metrics)` reads a step's metrics once the next is queued."""
     model.train()
     in_flight = None
     for inputs, targets in batches:
-        metrics = train_step(model, optimizer, (inputs, targets), key, label_smoothing)
+        metrics = train_step(model, optimizer, (inputs, targets), key, label_smoothing, averaged)
         if in_flight:
             report(*in_flight)
         in_flight = (targets.shape[-1], metrics)
@@ -71,14 +79,29 @@ def train_epoch(model: Net, optimizer: nnx.Optimizer, key: jax.Array, batches: I
 
 
 @nnx.jit
+def swa_step(model: Net, averaged: AveragedModel) -> None:
+    """`model`'s current weights taken into its SWA average (at the end of an epoch)."""
+    averaged.update_parameters(model)
+
+
+@nnx.jit
+def is_finite(model: Net, averaged: AveragedModel | None = None) -> jax.Array:
+    """Whether every weight and BatchNorm statistic, trained and averaged, is finite (checked
+    before a checkpoint is written)."""
+    trees = [variables_of(model)] + ([] if averaged is None else [variables_of(averaged.module)])
+    return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(trees)]))
+
+
+@nnx.jit
 def eval_step(model: Net, images: jax.Array) -> jax.Array:
     """Log-probabilities of `model` as it is (put it in eval mode first)."""
     return model(images)
 
 
-def predict(model: Net, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Eval-mode log-probabilities of normalised images (N, 28, 28), `batch_size` at a time."""
+def predict(model: Net, images: np.ndarray, batch_size: int,
+            placement: jax.Device | jax.sharding.Sharding) -> np.ndarray:
+    """Eval-mode log-probabilities of normalised images (N, 28, 28), `batch_size` at a time, each
+    batch placed on a device or split over several as the linen twin's `predict` does (which
+    this calls, with the model where the linen twin passes its variables)."""
     model.eval()
-    parts = [np.asarray(eval_step(model, jnp.asarray(images[start : start + batch_size, ..., None])))
-             for start in range(0, len(images), batch_size)]
-    return np.concatenate(parts)
+    return linen_training.predict(eval_step, model, images, batch_size, placement)

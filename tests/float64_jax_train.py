@@ -17,8 +17,11 @@ import numpy as np
 
 import jax_impl.seeds
 import jax_impl.train
+import nnx_impl.train
 from jax_impl.train import enable_compilation_cache
 from jax_impl.training import create_train_state
+from nnx_impl import training as nnx_training
+from nnx_impl.model import load_variables, variables_of
 from tests.parity.mutations import apply_from_environment
 
 
@@ -32,23 +35,30 @@ def in_float64(tree):
 
 @contextlib.contextmanager
 def float64_training() -> Iterator[None]:
-    """jax_impl.train and jax_impl.seeds with every new state cast to float64 before its first
-    step: the images and every computation on them follow the weights' dtype (jax_enable_x64
+    """jax_impl.train, jax_impl.seeds and nnx_impl.train with every new state cast to float64
+    before its first step: the images and every computation on them follow the weights' dtype (jax_enable_x64
     is switched on)."""
 
     def float64_train_state(*args, **kwargs):
         state, key = create_train_state(*args, **kwargs)
         return in_float64(state), key
 
+    def float64_optimizer(model, tx):
+        """The NNX trainer's optimiser, of the model's weights made float64 in place first."""
+        load_variables(model, in_float64(variables_of(model)))
+        return nnx_training.create_train_state(model, tx)
+
     jax.config.update("jax_enable_x64", True)
     trainers = (jax_impl.train, jax_impl.seeds)
     for trainer in trainers:
         trainer.create_train_state = float64_train_state
+    nnx_impl.train.create_train_state = float64_optimizer
     try:
         yield
     finally:
         for trainer in trainers:
             trainer.create_train_state = create_train_state
+        nnx_impl.train.create_train_state = nnx_training.create_train_state
         jax.config.update("jax_enable_x64", False)
 
 

@@ -1,5 +1,5 @@
-"""Both trainers as the tests see them: one record per framework, so that a test can be written
-once and parametrised over the two, and the fresh training state each trainer starts from."""
+"""The trainers as the tests see them: one record per framework, so that a test can be written
+once and parametrised over them, and the fresh training state each trainer starts from."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import torch
 
 import jax_impl.evaluate
 import jax_impl.train
+import nnx_impl.evaluate
+import nnx_impl.train
 import torch_ref.evaluate
 import torch_ref.train
 from common import evaluation
@@ -22,6 +24,7 @@ from jax_impl.model import Net as JaxNet
 from jax_impl.optim import learning_rate_schedule
 from jax_impl.optim import make_optimizer as make_jax_optimizer
 from jax_impl.training import create_train_state as create_jax_state
+from nnx_impl.checkpoints import read_checkpoint as read_nnx_checkpoint
 from torch_ref.checkpoints import read_checkpoint as read_torch_checkpoint
 from torch_ref.model import Net as TorchNet
 from torch_ref.optim import make_optimizer as make_torch_optimizer
@@ -69,6 +72,7 @@ class Trainer:
 
 JAX = Trainer(jax_impl.train, jax_impl.evaluate, read_jax_checkpoint)
 TORCH = Trainer(torch_ref.train, torch_ref.evaluate, read_torch_checkpoint)
+NNX = Trainer(nnx_impl.train, nnx_impl.evaluate, read_nnx_checkpoint)
 
 
 def new_jax_state(recipe: Recipe, steps_per_epoch: int, layers: Layers = PLAIN_LAYERS,

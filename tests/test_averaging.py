@@ -1,4 +1,4 @@
-"""Weight averaging in both trainers (--average ema|swa, Recipe.average): what a run evaluates,
+"""Weight averaging in the trainers (--average ema|swa, Recipe.average): what a run evaluates,
 saves and resumes. The averaging rules themselves are proven equal across the frameworks, and to
 AveragedModel's, in tests/parity/test_averaging.py."""
 
@@ -13,7 +13,7 @@ from common.errors import UserFacingError
 from common.metrics import evaluate_log_probs, read_metrics
 from common.recipes import BEST
 from common.transforms import normalize
-from tests.frameworks import JAX, TORCH
+from tests.frameworks import JAX, NNX, TORCH
 from torch_ref.averaging import averaged_state_dict
 
 AVERAGES = {"ema": ["--average", "ema"], "swa": ["--average", "swa", "--swa-start", "1"]}
@@ -41,8 +41,8 @@ def trained_and_averaged(framework, checkpoint) -> tuple[dict, dict]:
     if framework is TORCH:
         return as_arrays(TORCH, payload["model"]), as_arrays(TORCH, averaged_state_dict(payload["averaged"]))
     state = payload["state"]
-    return (as_arrays(JAX, {"params": state["params"], "batch_stats": state["batch_stats"]}),
-            as_arrays(JAX, state["averaged"]["variables"]))
+    trained = state["variables"] if framework is NNX else {key: state[key] for key in ("params", "batch_stats")}
+    return as_arrays(JAX, trained), as_arrays(JAX, state["averaged"]["variables"])
 
 
 def train(framework, out, data_dir, *flags) -> int:
@@ -51,7 +51,7 @@ def train(framework, out, data_dir, *flags) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("average", AVERAGES)
-@pytest.mark.parametrize("framework", [JAX, TORCH], ids=["jax", "torch"])
+@pytest.mark.parametrize("framework", [JAX, TORCH, NNX], ids=["jax", "torch", "nnx"])
 def test_a_run_evaluates_saves_and_resumes_its_average(framework, average, tmp_path, synthetic_dir, synthetic_mnist,
                                                        monkeypatch):
     whole = tmp_path / "whole"

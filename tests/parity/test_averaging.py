@@ -77,14 +77,16 @@ def test_every_update_matches_averaged_model(kind, precision):
                                        err_msg=f"{key}, update {update}")
 
 
-def train_both(data, kind: str):
-    """STEPS float64 SGD steps in both frameworks, each averaging its weights by the recipe."""
-    batches = shared_batches(data)[:STEPS]
+def steps_to_average(data) -> tuple[list, list[dict[str, np.ndarray]]]:
+    """The STEPS batches and dropout masks both frameworks train on."""
     rng = np.random.default_rng(11)
-    masks = [dropout_masks(rng, BATCH) for _ in range(STEPS)]
+    return shared_batches(data)[:STEPS], [dropout_masks(rng, BATCH) for _ in range(STEPS)]
 
+
+def train_torch(batches: list, masks: list[dict[str, np.ndarray]], kind: str) -> tuple[torch.nn.Module, object]:
+    """(model, AveragedModel) after float64 SGD steps from torch_model(seed=7), averaging by the
+    recipe: after every step (EMA) or every EPOCH_STEPS steps (SWA)."""
     model = torch_model(seed=7, dtype=torch.float64).train()
-    variables = flax_variables(model, jnp.float64)
     optimizer = torch.optim.SGD(model.parameters(), lr=SEED.lr, momentum=SEED.momentum)
     averaged = averaged_model(model, recipe(kind))
     for step, (batch, step_masks) in enumerate(zip(batches, masks, strict=True), start=1):
@@ -95,6 +97,14 @@ def train_both(data, kind: str):
         optimizer.step()
         if kind == "ema" or step % EPOCH_STEPS == 0:
             averaged.update_parameters(model)
+    return model, averaged
+
+
+def train_both(data, kind: str):
+    """STEPS float64 SGD steps in both frameworks, each averaging its weights by the recipe."""
+    batches, masks = steps_to_average(data)
+    variables = flax_variables(torch_model(seed=7, dtype=torch.float64), jnp.float64)
+    _, averaged = train_torch(batches, masks, kind)
 
     state = new_jax_state(recipe(kind), EPOCH_STEPS)[0]
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],

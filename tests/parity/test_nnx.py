@@ -22,10 +22,12 @@ from common.recipes import SEED
 from jax_impl import training as jax_training
 from jax_impl.model import Net as LinenNet
 from jax_impl.optim import learning_rate_schedule, make_optimizer
+from nnx_impl.averaging import averaged_model, evaluated_model
 from nnx_impl.fast.layers import FAST_LAYERS
 from nnx_impl.model import PLAIN_LAYERS, Layers, Net, load_variables, variables_of
-from nnx_impl.training import create_train_state, predict, train_epoch, train_step
+from nnx_impl.training import create_train_state, predict, swa_step, train_epoch, train_step
 from tests.parity.helpers import dropout_masks, flax_variables, nchw_to_nhwc, torch_masks, torch_model
+from tests.parity.test_averaging import EPOCH_STEPS, model_weights, recipe, steps_to_average, train_torch
 from tests.parity.test_trajectory import BATCH, STEPS, shared_batches
 from torch_ref import training as torch_training
 from torch_ref.optim import make_scheduler
@@ -91,7 +93,8 @@ def test_eval_and_train_forward_and_statistics_match_pytorch(synthetic_images, f
 
     with torch.no_grad():
         expected_eval = torch_net.eval()(torch.as_tensor(images, dtype=torch.float64)).numpy()
-    np.testing.assert_allclose(predict(model, images[:, 0], 12), expected_eval, rtol=0, atol=ABSOLUTE)  # eval mode
+    eval_mode = predict(model, images[:, 0], 12, jax.devices()[0])
+    np.testing.assert_allclose(eval_mode, expected_eval, rtol=0, atol=ABSOLUTE)
 
     torch_net.train()
     with torch_masks(torch_net, masks), torch.no_grad():
@@ -166,6 +169,37 @@ def test_100_steps_in_float64_agree_with_pytorch_within_1e_9(synthetic_mnist, fl
                                        err_msg=key)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ema", "swa"])
+def test_averaged_weights_after_training_steps_match_pytorch(kind, synthetic_mnist, float64):
+    """test_averaging.py's 30 float64 steps, the NNX model averaged by its AveragedModel inside
+    `train_step` (EMA) or through `swa_step` every 10 steps (SWA), against PyTorch's
+    AveragedModel: the linen twin's bound there, 1e-10 relative; and the average is what the
+    run evaluates."""
+    batches, masks = steps_to_average(synthetic_mnist)
+    _, theirs = train_torch(batches, masks, kind)
+    model = nnx_model(torch_model(seed=7, dtype=torch.float64), masks[0])
+    optimizer = create_train_state(model, make_optimizer(recipe(kind), learning_rate_schedule(recipe(kind),
+                                                                                              EPOCH_STEPS)))
+    averaged = averaged_model(model, recipe(kind))
+    model.train()
+    for number, (batch, step_masks) in enumerate(zip(batches, masks, strict=True), start=1):
+        for name, mask in step_masks.items():
+            getattr(model, name).mask[...] = jnp.asarray(nchw_to_nhwc(mask))
+        train_step(model, optimizer, (jnp.asarray(batch.images[..., None], jnp.float64),
+                                      jnp.asarray(batch.labels, jnp.int32)), jax.random.key(0), 0.0, averaged)
+        if kind == "swa" and number % EPOCH_STEPS == 0:
+            swa_step(model, averaged)
+    assert int(averaged.n_averaged[...]) == int(theirs.n_averaged)
+    assert evaluated_model(model, averaged) is averaged.module
+    ours, trained = flax_to_torch(variables_of(averaged.module)), flax_to_torch(variables_of(model))
+    expected = model_weights(theirs.module)
+    for key, value in expected.items():
+        np.testing.assert_allclose(ours[key], value, rtol=1e-10, atol=1e-12 * np.abs(value).max(), err_msg=key)
+    # The average is not the last weights (else this test could not tell a wrong rule apart).
+    assert max(np.abs(trained[key] - ours[key]).max() / np.abs(ours[key]).max() for key in expected) > 1e-3
+
+
 def test_an_epoch_reports_every_batch_and_steps_the_optimiser_once_per_batch(synthetic_images, synthetic_mnist):
     model = Net()
     optimizer = create_train_state(model, make_optimizer(SEED, learning_rate_schedule(SEED, 3)))
@@ -226,13 +260,13 @@ def test_a_checkpoint_continues_the_run_exactly_and_one_that_does_not_fit_change
     for batch in batches[:2]:
         train_step(model, optimizer, batch, key)
     path = tmp_path / "checkpoint.msgpack"
-    path.write_bytes(checkpoint_bytes(model, optimizer, {"framework": "nnx", "epoch": 1}))
+    path.write_bytes(checkpoint_bytes(model, optimizer, None, {"framework": "nnx", "epoch": 1}))
     train_step(model, optimizer, batches[2], key)
 
     resumed, resumed_optimizer = fresh(1)
     meta, payload = read_checkpoint(path)
     assert meta["epoch"] == 1
-    restore(resumed, resumed_optimizer, payload)
+    restore(resumed, resumed_optimizer, None, payload)
     resumed.train()
     train_step(resumed, resumed_optimizer, batches[2], key)
     for got, want in zip(jax.tree_util.tree_leaves(training_state(resumed, resumed_optimizer)),
@@ -242,7 +276,7 @@ def test_a_checkpoint_continues_the_run_exactly_and_one_that_does_not_fit_change
     payload["state"]["variables"]["params"]["conv1"]["kernel"] = np.zeros((3, 3, 1, 4), np.float32)
     before = training_state(resumed, resumed_optimizer)
     with pytest.raises(CheckpointError, match="/variables/params/conv1/kernel has shape"):
-        restore(resumed, resumed_optimizer, payload)
+        restore(resumed, resumed_optimizer, None, payload)
     for got, want in zip(jax.tree_util.tree_leaves(training_state(resumed, resumed_optimizer)),
                          jax.tree_util.tree_leaves(before), strict=True):
         np.testing.assert_array_equal(got, want)
@@ -287,7 +321,7 @@ def test_nnx_evaluate_reads_what_the_linen_twin_writes_and_its_own_checkpoints(s
     model = Net()
     optimizer = create_train_state(model, make_optimizer(SEED, learning_rate_schedule(SEED, 1)))
     checkpoint = tmp_path / "checkpoint.msgpack"
-    checkpoint.write_bytes(checkpoint_bytes(model, optimizer, {"framework": "nnx", "epoch": 1}))
+    checkpoint.write_bytes(checkpoint_bytes(model, optimizer, None, {"framework": "nnx", "epoch": 1}))
     assert evaluation.main(NAMES, "nnx_impl.evaluate", nnx_evaluate.WEIGHTS,
                            [str(checkpoint), "--data-dir", str(synthetic_dir), "--device", "cpu"]) == 0
     assert "(Flax NNX): test loss" in capsys.readouterr().out
