@@ -1,6 +1,8 @@
-"""The twins mirror each other: torch_ref and jax_impl hold modules of the same names, and each
-pair defines the same top-level names in the same order, so that a reader can put them side by
-side. What only one framework has is listed here with its reason; any other difference fails.
+"""The twins mirror each other: torch_ref, jax_impl and nnx_impl hold modules of the same names,
+and each module defines the same top-level names in the same order in every twin, so that a
+reader can put them side by side. What only one framework has is listed here with its reason,
+as is what the NNX twin imports from the linen twin instead of repeating it; any other
+difference fails.
 
 Read from the source with `ast`, never by importing it.
 """
@@ -11,8 +13,24 @@ import ast
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TWINS = ("torch_ref", "jax_impl")
+TWINS = ("torch_ref", "jax_impl", "nnx_impl")
 ONLY_IN_JAX_PACKAGES = {"fast": "the CPU-tuned layers behind --ops fast; PyTorch's --ops fast is channels_last"}
+
+# Modules of the linen twin that the NNX twin imports rather than repeats: module -> why.
+NNX_TAKES_FROM_LINEN = {
+    "augment": "the device-side warp works on arrays, whichever API holds the model",
+    "data": "batches as sharded jax.Arrays, the same for both Flax APIs",
+    "devices": "--device, --devices and --threads are JAX's, not Flax's",
+    "distributed": "jax.distributed and the mesh are JAX's",
+    "optim": "the same optax optimiser and schedules",
+    "summary": "the layer table: the NNX model's variables are the linen tree (tests/parity/test_nnx.py)",
+}
+# Names of a mirrored module that the NNX twin imports from the linen twin's: (module, name) -> why.
+NNX_NAMES_FROM_LINEN = {
+    ("training", "Metrics"): "a step's metrics, the same dictionary",
+    ("training", "TrainState"): "NNX's state is the model and its nnx.Optimizer themselves",
+    ("training", "training_loss"): "the same loss function",
+}
 
 # (package, module, name) -> why only this framework has it.
 FRAMEWORK_ONLY = {
@@ -94,6 +112,22 @@ FRAMEWORK_ONLY = {
     ("jax_impl", "training", "variables_of"): "the state's variables; a PyTorch model holds its own",
     ("jax_impl", "training", "evaluated_variables_of"): "the variables evaluated (averaging.evaluated_model)",
     ("torch_ref", "training", "seed_random_stream"): "dropout draws from PyTorch's global generator; JAX passes keys",
+    ("nnx_impl", "averaging", "AveragedModel"): "torch.optim.swa_utils.AveragedModel as an nnx.Module",
+    ("nnx_impl", "averaging", "averaged_model"): "as torch_ref's: the recipe's average, built",
+    ("nnx_impl", "averaging", "evaluated_model"): "as torch_ref's: the module evaluated",
+    ("nnx_impl", "checkpoints", "training_state"): "the model, optimiser and average as plain arrays",
+    ("nnx_impl", "checkpoints", "check_fits"): "every name and shape checked before an object changes in place",
+    ("nnx_impl", "checkpoints", "_framework_of"): "an NNX checkpoint told apart from the linen files it also reads",
+    ("nnx_impl", "model", "BatchNorm2d"): "as the linen twin's: nn.BatchNorm2d's semantics",
+    ("nnx_impl", "model", "MaxPool2d"): "as the linen twin's",
+    ("nnx_impl", "model", "AvgPool2d"): "as the linen twin's",
+    ("nnx_impl", "model", "Layers"): "as the linen twin's",
+    ("nnx_impl", "model", "PLAIN_LAYERS"): "as the linen twin's",
+    ("nnx_impl", "model", "variables_of"): "the model's state as the linen twin's variables",
+    ("nnx_impl", "model", "load_variables"): "and back, in place",
+    ("nnx_impl", "recalibration", "statistics_model"): "as the linen twin's: a copy with momentum 1",
+    ("nnx_impl", "recalibration", "batch_statistics"): "as the linen twin's",
+    ("nnx_impl", "training", "swa_step"): "as the linen twin's",
 }
 
 
@@ -115,23 +149,34 @@ def modules(package: str) -> set[str]:
 
 
 def test_the_twins_hold_modules_of_the_same_names():
-    assert modules("torch_ref") == modules("jax_impl")
-    subpackages = {path.name for path in (REPO_ROOT / "jax_impl").iterdir() if (path / "__init__.py").exists()}
-    assert subpackages == set(ONLY_IN_JAX_PACKAGES)
+    assert modules("torch_ref") == modules("jax_impl") == modules("nnx_impl") | set(NNX_TAKES_FROM_LINEN)
+    assert not modules("nnx_impl") & set(NNX_TAKES_FROM_LINEN)
+    for package in ("jax_impl", "nnx_impl"):
+        subpackages = {path.name for path in (REPO_ROOT / package).iterdir() if (path / "__init__.py").exists()}
+        assert subpackages == set(ONLY_IN_JAX_PACKAGES)
     assert not any((path / "__init__.py").exists() for path in (REPO_ROOT / "torch_ref").iterdir())
 
 
 def test_mirrored_modules_define_the_same_names_in_the_same_order():
     differences = []
     for module in sorted(modules("torch_ref")):
-        shared = []
-        for package in TWINS:
-            names = top_level_names(REPO_ROOT / package / f"{module}.py")
-            shared.append([name for name in names if (package, module, name) not in FRAMEWORK_ONLY])
-        if shared[0] != shared[1]:
-            differences.append(f"{module}: torch_ref {shared[0]} against jax_impl {shared[1]}")
+        shared = {package: [name for name in top_level_names(REPO_ROOT / package / f"{module}.py")
+                            if (package, module, name) not in FRAMEWORK_ONLY]
+                  for package in TWINS if (REPO_ROOT / package / f"{module}.py").exists()}
+        expected = shared["torch_ref"]
+        for package, names in shared.items():
+            wanted = [name for name in expected if package != "nnx_impl" or (module, name) not in NNX_NAMES_FROM_LINEN]
+            if names != wanted:
+                differences.append(f"{module}: torch_ref {expected} against {package} {names}")
     assert not differences, ("mirrored modules differ (rename, reorder, or list a framework-only name with its "
                              "reason):\n  " + "\n  ".join(differences))
+
+
+def test_what_the_nnx_twin_takes_from_the_linen_twin_is_there():
+    linen_names = {module: top_level_names(REPO_ROOT / "jax_impl" / f"{module}.py") for module, _ in
+                   NNX_NAMES_FROM_LINEN}
+    assert all(name in linen_names[module] for module, name in NNX_NAMES_FROM_LINEN)
+    assert all(not (REPO_ROOT / "nnx_impl" / f"{module}.py").exists() for module in NNX_TAKES_FROM_LINEN)
 
 
 def test_every_framework_only_name_still_exists():
