@@ -99,9 +99,15 @@ def eval_step(model: Net, images: jax.Array) -> jax.Array:
 
 
 def predict(model: Net, images: np.ndarray, batch_size: int,
-            placement: jax.Device | jax.sharding.Sharding) -> np.ndarray:
+            placement: jax.Device | jax.sharding.NamedSharding) -> np.ndarray:
     """Eval-mode log-probabilities of normalised images (N, 28, 28), `batch_size` at a time, each
     batch placed on a device or split over several as the linen twin's `predict` does (which
-    this calls, with the model where the linen twin passes its variables)."""
+    this calls, with the model where the linen twin passes its variables). Split, the outputs
+    are gathered onto every device first, as the linen twin's compiled step returns them, so
+    that each process can read them whole."""
     model.eval()
-    return linen_training.predict(eval_step, model, images, batch_size, placement)
+    whole = placement
+    if isinstance(placement, jax.sharding.NamedSharding):
+        whole = jax.sharding.NamedSharding(placement.mesh, jax.sharding.PartitionSpec())
+    return linen_training.predict(lambda model, batch: jax.device_put(eval_step(model, batch), whole), model, images,
+                                  batch_size, placement)

@@ -1,6 +1,7 @@
-"""`python -m tests.float64_jax_train ARGS`: `python -m jax_impl.train ARGS` with the training
-state in float64, for tests that compare two set-ups of the same run (2 processes against one)
-and must not depend on the CPU's float32 rounding (tests/test_data_parallel_jax.py says why).
+"""`python -m tests.float64_jax_train [--nnx] ARGS`: `python -m jax_impl.train ARGS` (with
+--nnx, `python -m nnx_impl.train ARGS`) with the training state in float64, for tests that
+compare two set-ups of the same run (2 processes against one) and must not depend on the CPU's
+float32 rounding (tests/test_data_parallel_jax.py says why).
 
 A mistake named in $PARITY_MUTATION (tests/parity/mutations.py) is applied first, so that a
 mutation reaches the processes a test starts.
@@ -62,13 +63,15 @@ def float64_training() -> Iterator[None]:
         jax.config.update("jax_enable_x64", False)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m jax_impl.train` in float64."""
+def main(argv: list[str] | None = None, twin: str = "jax") -> int:
+    """`python -m jax_impl.train` (twin "jax") or `python -m nnx_impl.train` ("nnx") in float64."""
     with float64_training():
-        return jax_impl.train.main(argv)
+        return {"jax": jax_impl.train, "nnx": nnx_impl.train}[twin].main(argv)
 
 
 if __name__ == "__main__":
     apply_from_environment()
     enable_compilation_cache()
-    sys.exit(main())
+    arguments = sys.argv[1:]
+    nnx = arguments[:1] == ["--nnx"]
+    sys.exit(main(arguments[1:] if nnx else arguments, "nnx" if nnx else "jax"))

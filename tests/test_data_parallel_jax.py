@@ -39,6 +39,7 @@ from jax_impl.distributed import data_mesh, put_replicated, replicated, split_al
 from jax_impl.fast.choice import layers_for
 from jax_impl.train import main
 from jax_impl.training import scan_epoch, train_epoch, train_step
+from nnx_impl.checkpoints import read_checkpoint as read_nnx_checkpoint
 from tests.float64_jax_train import in_float64
 from tests.float64_jax_train import main as float64_main
 from tests.frameworks import new_jax_state
@@ -125,24 +126,31 @@ def test_more_devices_than_jax_has_is_a_clear_error():
         select_devices("cpu", 64)
 
 
-def dry_run_state(out: Path) -> dict:
-    return read_checkpoint(out / "checkpoint.msgpack")[1]["state"]
+def dry_run_parts(out: Path, twin: str) -> dict:
+    """The weights, statistics and optimiser state of a dry run's checkpoint, by the linen names."""
+    if twin == "nnx":
+        state = read_nnx_checkpoint(out / "checkpoint.msgpack")[1]["state"]
+        return {**state["variables"], "opt_state": state["optimizer"]}
+    state = read_checkpoint(out / "checkpoint.msgpack")[1]["state"]
+    return {part: state[part] for part in ("params", "batch_stats", "opt_state")}
 
 
 @pytest.mark.slow
-def test_a_dry_run_on_2_processes_equals_one_on_one_device(synthetic_dir, tmp_path):
+@pytest.mark.parametrize("twin", ["jax", "nnx"])
+def test_a_dry_run_on_2_processes_equals_one_on_one_device(synthetic_dir, tmp_path, twin):
     """Two processes joined by jax.distributed (CPU collectives over gloo), each feeding its
     half of every batch, against one process on one device: the artefacts are written once, by
-    process 0, and hold the same weights. Both run the trainer with its state in float64
-    (tests/float64_jax_train.py), held to the module's bound. With the plain layers, which
-    `--ops auto` picks on the accelerators that multi-process runs are for (the fast layers'
-    sharding is the same and is tested on several devices of one process above)."""
+    process 0, and hold the same weights. Both run the trainer (the linen or the NNX one) with
+    its state in float64 (tests/float64_jax_train.py), held to the module's bound. With the plain
+    layers, which `--ops auto` picks on the accelerators that multi-process runs are for (the fast
+    layers' sharding is the same and is tested on several devices of one process above)."""
     common = ["--dry-run", "--ops", "plain", "--data-dir", str(synthetic_dir), "--device", "cpu"]
-    assert float64_main([*common, "--out", str(tmp_path / "one-device")]) == 0
+    assert float64_main([*common, "--out", str(tmp_path / "one-device")], twin) == 0
 
-    port = 12000 + os.getpid() % 20000
+    port = 12000 + os.getpid() % 20000 + (1 if twin == "nnx" else 0)
     processes = [subprocess.Popen(
-        [sys.executable, "-m", "tests.float64_jax_train", *common, "--out", str(tmp_path / f"written-by-{index}")],
+        [sys.executable, "-m", "tests.float64_jax_train", *(["--nnx"] if twin == "nnx" else []), *common,
+         "--out", str(tmp_path / f"written-by-{index}")],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
              "JAX_PROCESS_ID": str(index), "JAX_PLATFORMS": "cpu"}) for index in range(2)]
@@ -151,7 +159,7 @@ def test_a_dry_run_on_2_processes_equals_one_on_one_device(synthetic_dir, tmp_pa
     assert "devices 2, processes 2" in outputs[0]
     assert not (tmp_path / "written-by-1").exists(), "process 1 wrote artefacts"
 
-    one_device, two_processes = dry_run_state(tmp_path / "one-device"), dry_run_state(tmp_path / "written-by-0")
+    one_device, two_processes = (dry_run_parts(tmp_path / name, twin) for name in ("one-device", "written-by-0"))
     assert two_processes["params"]["conv1"]["kernel"].dtype == np.float64
     for part in ("params", "batch_stats", "opt_state"):
         assert_same_state(two_processes[part], one_device[part])

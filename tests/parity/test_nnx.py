@@ -200,6 +200,43 @@ def test_averaged_weights_after_training_steps_match_pytorch(kind, synthetic_mni
     assert max(np.abs(trained[key] - ours[key]).max() / np.abs(ours[key]).max() for key in expected) > 1e-3
 
 
+class RecordingDropout(nnx.Module):
+    """An NNX dropout layer as it is, whose kept activations of each call are recorded (NCHW)."""
+
+    def __init__(self, layer: nnx.Dropout, kept: list[np.ndarray]):
+        def record(mask: jax.Array) -> None:  # a function, a static attribute: the list stays outside the trace
+            kept.append(np.asarray(mask).transpose(0, 3, 1, 2))
+
+        self.layer, self.record = layer, record
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.layer(x)
+        jax.debug.callback(self.record, y != 0)
+        return y
+
+
+def test_dropout_is_element_wise_at_its_rate_and_new_at_every_step(synthetic_images):
+    """The plain model's own nnx.Dropout through two `train_step`s (its masks from the run's key
+    and the step): test_dropout_statistics.py's checks of the linen twin. 32 x 16 x 24 x 24 = 295k
+    Bernoulli(0.85) draws: the kept share has a standard deviation of 6.6e-4, and two independent
+    masks agree on a share 0.85^2 + 0.15^2 = 0.745 (sd 8e-4; identical masks: 1.0); five standard
+    deviations bound both. Element-wise, a whole 24x24 map is never dropped (0.15^576)."""
+    images = jnp.asarray(nchw_to_nhwc(synthetic_images[:32]))
+    labels = jnp.zeros(32, jnp.int32)
+    model = nnx_model(torch_model())
+    kept: list[np.ndarray] = []
+    model.drop1 = RecordingDropout(model.drop1, kept)
+    optimizer = create_train_state(model, make_optimizer(SEED, learning_rate_schedule(SEED, 2)))
+    model.train()
+    for _ in range(2):
+        train_step(model, optimizer, (images, labels), jax.random.key(0))
+    assert len(kept) == 2
+    for mask in kept:
+        maps = mask.reshape(mask.shape[0], mask.shape[1], -1)
+        assert abs(mask.mean() - 0.85) < 5 * 6.6e-4 and not (~maps.any(axis=2)).any()
+    assert abs((kept[0] == kept[1]).mean() - (0.85**2 + 0.15**2)) < 5 * 8e-4
+
+
 def test_an_epoch_reports_every_batch_and_steps_the_optimiser_once_per_batch(synthetic_images, synthetic_mnist):
     model = Net()
     optimizer = create_train_state(model, make_optimizer(SEED, learning_rate_schedule(SEED, 3)))
