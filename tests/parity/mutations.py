@@ -1,13 +1,17 @@
 """Show that the parity suite can fail: apply classic porting mistakes to the JAX side's plain
 layers (the model a porter writes), in memory, and report which parity tests catch each.
 
-    python -m tests.parity.mutations [--only NAME ...]
+    python -m tests.parity.mutations [--twin linen|nnx] [--only NAME ...]
 
 Each mistake runs the whole parity suite in a fresh process (PARITY_MUTATION=<name>, applied
 by tests/parity/conftest.py before any test module is imported, and by the processes the tests
 start through tests/float64_jax_train.py) and prints a Markdown table. A mistake that only a run
 of several processes shows runs tests/test_data_parallel_jax.py instead (`SUITE_OF`). It takes
 about as long as the suite takes, once per mutation; run it by hand.
+
+`--twin nnx` (PARITY_MUTATION_TWIN=nnx) makes the same mistakes in the Flax NNX twin instead
+(`NNX_MUTATIONS`) and runs the tests over it (`NNX_SUITE`): the mistakes in shared code (the
+weight layout, the optimiser and schedule) are the linen ones.
 """
 
 from __future__ import annotations
@@ -28,9 +32,12 @@ import optax
 from flax import linen
 
 ENVIRONMENT_VARIABLE = "PARITY_MUTATION"
+TWIN_VARIABLE = "PARITY_MUTATION_TWIN"
 SUITE = Path(__file__).resolve().parent
 # A mistake that only a run of several processes can show runs the tests that start one.
 SUITE_OF = {"batchnorm_statistics_per_process": SUITE.parent / "test_data_parallel_jax.py"}
+# The tests over the NNX twin: its parity tests against PyTorch and its trainer's on several devices.
+NNX_SUITE = (SUITE / "test_nnx.py", SUITE.parent / "test_nnx_training.py")
 
 
 def _flax_namespace(**overrides) -> types.SimpleNamespace:
@@ -164,17 +171,19 @@ def batchnorm_statistics_per_process() -> None:
     from jax_impl import model
     from jax_impl.fast import layers as fast_layers
 
-    def per_process(module, x, scale, bias):
-        parts = x.reshape(jax.process_count(), -1, *x.shape[1:])
-        axes = tuple(range(1, parts.ndim - 1))
-        mean = parts.mean(axes, keepdims=True)
-        var = jnp.square(parts - mean).mean(axes, keepdims=True)
-        normalised = ((parts - mean) * jax.lax.rsqrt(var + module.epsilon)).reshape(x.shape)
-        channels = x.shape[-1]
-        return normalised * scale + bias, mean.reshape(-1, channels).mean(0), var.reshape(-1, channels).mean(0)
+    model.BatchNorm2d.normalize_with_batch_statistics = _statistics_per_process
+    fast_layers.FastBatchNorm2d.normalize_with_batch_statistics = _statistics_per_process
 
-    model.BatchNorm2d.normalize_with_batch_statistics = per_process
-    fast_layers.FastBatchNorm2d.normalize_with_batch_statistics = per_process
+
+def _statistics_per_process(module, x, scale, bias):
+    """BatchNorm's training-mode normalisation over each process's part of the batch."""
+    parts = x.reshape(jax.process_count(), -1, *x.shape[1:])
+    axes = tuple(range(1, parts.ndim - 1))
+    mean = parts.mean(axes, keepdims=True)
+    var = jnp.square(parts - mean).mean(axes, keepdims=True)
+    normalised = ((parts - mean) * jax.lax.rsqrt(var + module.epsilon)).reshape(x.shape)
+    channels = x.shape[-1]
+    return normalised * scale + bias, mean.reshape(-1, channels).mean(0), var.reshape(-1, channels).mean(0)
 
 
 MUTATIONS = {function.__name__: function for function in (
@@ -183,22 +192,159 @@ MUTATIONS = {function.__name__: function for function in (
     log_softmax_over_batch, loss_summed_over_batch, dropout_key_reused, recalibration_with_training_momentum,
     ema_decay_as_one_minus_decay, batchnorm_statistics_per_process)}
 
+def _nnx_batchnorm_default_momentum() -> None:
+    """NNX: flax_batchnorm_momentum's mistake in nnx_impl.model.BatchNorm2d."""
+    from nnx_impl import model
+
+    original = model.BatchNorm2d.__init__
+
+    def flax_momentum(self, features, *, momentum=0.01, **kwargs):
+        original(self, features, momentum=momentum, **kwargs)
+
+    model.BatchNorm2d.__init__ = flax_momentum
+
+
+def _nnx_biased_running_variance() -> None:
+    from nnx_impl import model
+
+    model.bessel_correction = lambda count: 1.0
+
+
+def _nnx_namespace(**overrides) -> types.SimpleNamespace:
+    """flax.nnx with some names replaced, to install as nnx_impl.model.nnx."""
+    from flax import nnx
+
+    return types.SimpleNamespace(**{**vars(nnx), **overrides})
+
+
+def _nnx_same_padding() -> None:
+    from flax import nnx
+
+    from nnx_impl import model
+
+    model.nnx = _nnx_namespace(Conv=lambda *args, **kwargs: nnx.Conv(*args, **{**kwargs, "padding": "SAME"}))
+
+
+def _nnx_batchnorm_before_relu() -> None:
+    from flax import nnx
+
+    from nnx_impl import model
+
+    def conv_batchnorm_relu(self, x):
+        def block(x, conv, batchnorm):
+            return nnx.relu(batchnorm(conv(x)))
+
+        x = self.pool1(self.drop1(block(block(x, self.conv1, self.bn1), self.conv2, self.bn2)))
+        x = self.pool2(self.drop2(block(block(x, self.conv3, self.bn3), self.conv4, self.bn4)))
+        x = self.gap1(nnx.relu(self.conv6(block(x, self.conv5, self.bn5))))
+        return nnx.log_softmax(x.reshape(x.shape[0], -1))
+
+    model.Net.__call__ = conv_batchnorm_relu
+
+
+def _nnx_channel_wise_dropout() -> None:
+    from flax import nnx
+
+    original = nnx.Dropout.__init__
+
+    def whole_channels(self, rate, **kwargs):
+        original(self, rate, **{**kwargs, "broadcast_dims": (1, 2)})
+
+    nnx.Dropout.__init__ = whole_channels
+
+
+def _nnx_log_softmax_over_batch() -> None:
+    from flax import nnx
+
+    from nnx_impl import model
+
+    model.nnx = _nnx_namespace(log_softmax=lambda x, axis=-1: nnx.log_softmax(x, axis=0))
+
+
+def _nnx_loss_summed_over_batch() -> None:
+    from nnx_impl import training
+
+    mean_loss = training.training_loss
+    training.training_loss = lambda log_probs, labels, label_smoothing=0.0: (
+        mean_loss(log_probs, labels, label_smoothing) * labels.shape[0])
+
+
+def _nnx_dropout_key_reused() -> None:
+    from nnx_impl import training
+
+    random = types.SimpleNamespace(**{**vars(jax.random), "fold_in": lambda key, data: key})
+    training.jax = types.SimpleNamespace(**{**vars(jax), "random": random})
+
+
+def _nnx_recalibration_with_training_momentum() -> None:
+    from flax import nnx
+
+    from nnx_impl import recalibration
+
+    def training_momentum(model):
+        copy = nnx.clone(model)
+        copy.train()
+        copy.set_attributes(deterministic=True)
+        return copy
+
+    recalibration.statistics_model = training_momentum
+
+
+def _nnx_ema_decay_as_one_minus_decay() -> None:
+    from jax_impl import averaging as rules
+    from nnx_impl import averaging
+
+    def ema_update(average, variables, decay):
+        return rules.updated_average(average, variables, lambda averaged, new: rules.lerp(averaged, new, decay))
+
+    averaging.ema_update = ema_update
+
+
+def _nnx_batchnorm_statistics_per_process() -> None:
+    from nnx_impl import model
+
+    model.BatchNorm2d.normalize_with_batch_statistics = _statistics_per_process
+
+
+# The same mistakes made in the NNX twin; those in code both Flax twins share are the linen ones.
+NNX_MUTATIONS = {
+    "flax_batchnorm_momentum": _nnx_batchnorm_default_momentum,
+    "biased_running_variance": _nnx_biased_running_variance,
+    "same_padding": _nnx_same_padding,
+    "batchnorm_before_relu": _nnx_batchnorm_before_relu,
+    "channel_wise_dropout": _nnx_channel_wise_dropout,
+    "kernel_transposed_wrong": kernel_transposed_wrong,
+    "steplr_per_step": steplr_per_step,
+    "decoupled_weight_decay": decoupled_weight_decay,
+    "log_softmax_over_batch": _nnx_log_softmax_over_batch,
+    "loss_summed_over_batch": _nnx_loss_summed_over_batch,
+    "dropout_key_reused": _nnx_dropout_key_reused,
+    "recalibration_with_training_momentum": _nnx_recalibration_with_training_momentum,
+    "ema_decay_as_one_minus_decay": _nnx_ema_decay_as_one_minus_decay,
+    "batchnorm_statistics_per_process": _nnx_batchnorm_statistics_per_process,
+}
+
 
 def apply_from_environment() -> None:
-    """Called by the suite's conftest: apply the mutation named in $PARITY_MUTATION, if any."""
+    """Called by the suite's conftest: apply the mutation named in $PARITY_MUTATION, if any, to
+    the twin $PARITY_MUTATION_TWIN names (linen unless it says nnx)."""
     name = os.environ.get(ENVIRONMENT_VARIABLE)
     if name:
-        MUTATIONS[name]()
+        (NNX_MUTATIONS if os.environ.get(TWIN_VARIABLE) == "nnx" else MUTATIONS)[name]()
 
 
-def failing_tests(name: str) -> tuple[list[str], str]:
-    """Run the suite with mutation `name` on the plain layers' tests (the fast layers' twins are
-    deselected: the mistakes are a porter's, made in the plain model); (failed or erroring test
-    ids, summary line)."""
+def failing_tests(name: str, twin: str = "linen") -> tuple[list[str], str]:
+    """Run the suite with mutation `name` made in `twin` on the plain layers' tests (the fast
+    layers' twins are deselected: the mistakes are a porter's, made in the plain model); (failed
+    or erroring test ids, summary line)."""
+    if twin == "nnx":
+        paths, selected = ([SUITE_OF[name]] if name in SUITE_OF else NNX_SUITE), "nnx and not fast"
+    else:
+        paths, selected = [SUITE_OF.get(name, SUITE)], "not fast"
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", str(SUITE_OF.get(name, SUITE)), "-q", "-p", "no:cacheprovider", "-rfE",
-         "--no-header", "-k", "not fast"],
-        env={**os.environ, ENVIRONMENT_VARIABLE: name}, capture_output=True, text=True,
+        [sys.executable, "-m", "pytest", *map(str, paths), "-q", "-p", "no:cacheprovider", "-rfE", "--no-header",
+         "-k", selected],
+        env={**os.environ, ENVIRONMENT_VARIABLE: name, TWIN_VARIABLE: twin}, capture_output=True, text=True,
     )
     failed = sorted({m.group(1).split("::", 1)[1] for m in re.finditer(r"^(?:FAILED|ERROR) (\S+)", result.stdout,
                                                                         re.MULTILINE)})
@@ -209,10 +355,12 @@ def failing_tests(name: str) -> tuple[list[str], str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=sorted(MUTATIONS), help="run these mutations only")
+    parser.add_argument("--twin", choices=("linen", "nnx"), default="linen", help="the Flax twin to make them in")
     args = parser.parse_args()
-    rows = ["| mistake applied to the JAX side | parity tests that fail | suite result |", "|---|---|---|"]
+    rows = [f"| mistake applied to the JAX side ({args.twin}) | parity tests that fail | suite result |",
+            "|---|---|---|"]
     for name in args.only or MUTATIONS:
-        failed, summary = failing_tests(name)
+        failed, summary = failing_tests(name, args.twin)
         shown = "<br>".join(f"`{test}`" for test in failed) or "**none: not caught**"
         rows.append(f"| {' '.join(MUTATIONS[name].__doc__.split())} | {shown} | {summary} |")
         print(rows[-1], flush=True)

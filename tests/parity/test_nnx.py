@@ -215,7 +215,7 @@ class RecordingDropout(nnx.Module):
         return y
 
 
-def test_dropout_is_element_wise_at_its_rate_and_new_at_every_step(synthetic_images):
+def test_dropout_is_element_wise_at_its_rate_and_new_at_every_step(synthetic_images, float64):
     """The plain model's own nnx.Dropout through two `train_step`s (its masks from the run's key
     and the step): test_dropout_statistics.py's checks of the linen twin. 32 x 16 x 24 x 24 = 295k
     Bernoulli(0.85) draws: the kept share has a standard deviation of 6.6e-4, and two independent
