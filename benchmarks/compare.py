@@ -1,4 +1,4 @@
-"""PyTorch and JAX measured side by side, on the same machine, data and recipe, in one run.
+"""PyTorch, JAX (linen) and Flax NNX measured side by side, on the same machine, data and recipe, in one run.
 
     python benchmarks/compare.py [--quick] [--train] [--batch-sizes 128,512] [--out DIR]
 
@@ -6,10 +6,10 @@ Training throughput (images/s, the shared augmentation pipeline included) of eve
 measured round-robin so that drift of the machine affects all variants alike; the JAX/PyTorch
 ratio of each round, then its median; evaluation throughput; time to the first step and
 compile time; peak memory; achieved FLOP/s against the machine's sgemm peak measured in the
-same run. With --train, full training runs of both frameworks: accuracy against epoch and
-wall-clock time. Full runs also measure data-parallel scaling, 1 against 2 devices in both
-frameworks (benchmarks/scaling.py). Writes results.json, throughput.png (and accuracy.png) into
---out and prints Markdown tables.
+same run; the NNX rows also their ratio to the linen step loop of the same layers. With --train,
+full training runs of the three trainers: accuracy against epoch and wall-clock time. Full runs
+also measure data-parallel scaling, 1 against 2 devices in PyTorch and JAX (benchmarks/scaling.py).
+Writes results.json, throughput.png (and accuracy.png) into --out and prints Markdown tables.
 
 --out must be new or empty, and holds either a whole report or nothing of the run: a run that
 fails or is interrupted before its results.json is written removes what it wrote (see settle).
@@ -62,6 +62,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from benchmarks import scaling  # noqa: E402
 from benchmarks.jax_trainer import JaxSeedsTrainer, JaxTrainer  # noqa: E402
+from benchmarks.nnx_trainer import NnxTrainer  # noqa: E402
 from benchmarks.torch_trainer import TorchTrainer  # noqa: E402
 from common import cli  # noqa: E402
 from common.batching import EpochPlan, plan_epoch  # noqa: E402
@@ -79,9 +80,11 @@ from jax_impl.fast.compile_clock import compile_seconds  # noqa: E402
 from jax_impl.train import enable_compilation_cache  # noqa: E402
 
 BASELINE = "PyTorch eager"
+LINEN_LOOP = "JAX step loop, fast layers"  # what the NNX rows, on the same layers, are also measured against
 GROUP_SEEDS = 5  # as the results' final table (docs/results.md): --seeds 0,1,2,3,4
+TRAINERS = ("torch_ref.train", "jax_impl.train", "nnx_impl.train")  # --train's full runs
 
-Trainer = TorchTrainer | JaxTrainer | JaxSeedsTrainer
+Trainer = TorchTrainer | JaxTrainer | JaxSeedsTrainer | NnxTrainer
 # (the settings' recipe and device, the plan whose steps make an epoch, the seeds) -> a trainer
 Build = Callable[[RunSettings, EpochPlan, tuple[int, ...]], Trainer]
 
@@ -123,6 +126,16 @@ def jax_epoch(epoch: str, ops: str = "auto") -> Build:
     return build
 
 
+def nnx_loop(form: str) -> Build:
+    """One seed of the NNX twin with the fast layers, its step in `form` (benchmarks/nnx_trainer.py)."""
+
+    def build(settings: RunSettings, plan: EpochPlan, seeds: tuple[int, ...]) -> NnxTrainer:
+        (seed,) = seeds
+        return NnxTrainer(dataclasses.replace(settings, ops="fast", seed=seed), plan, form)
+
+    return build
+
+
 def variants(quick: bool) -> list[Variant]:
     found = [Variant(BASELINE, "torch", torch_eager), Variant("PyTorch channels_last", "torch", torch_channels_last)]
     if quick:
@@ -131,9 +144,11 @@ def variants(quick: bool) -> list[Variant]:
         found.append(Variant("torch.compile", "torch", torch_compiled, compiles_on_first_use=True))
     found += [Variant("JAX step loop, fast layers", "jax", jax_epoch("loop", "fast")),
               Variant("JAX step loop, plain layers", "jax", jax_epoch("loop", "plain")),
-              Variant("JAX lax.scan epoch", "jax", jax_epoch("scan"))]
+              Variant("JAX lax.scan epoch", "jax", jax_epoch("scan")),
+              Variant("NNX step loop (nnx.jit), fast layers", "nnx", nnx_loop("nnx.jit"))]
     if quick:
-        return found  # seed groups compile for tens of seconds: full runs only
+        return found  # the split/merge form and seed groups: full runs only
+    found.append(Variant("NNX step loop (split/merge), fast layers", "nnx", nnx_loop("split/merge")))
     return found + [Variant(f"PyTorch {GROUP_SEEDS} seeds in turn", "torch", torch_eager, seeds=GROUP_SEEDS),
                     Variant(f"JAX {GROUP_SEEDS} seeds in one program", "jax", JaxSeedsTrainer, seeds=GROUP_SEEDS)]
 
@@ -207,12 +222,12 @@ def measure_training(chosen: list[Variant], batch_size: int, data: Mnist, args: 
 def time_compiling(variant: Variant) -> float:
     """Seconds JAX has spent compiling in this process (0 for PyTorch, whose torch.compile
     compiles inside its first call: see Variant.compiles_on_first_use)."""
-    return compile_seconds() if variant.framework == "jax" else 0.0
+    return 0.0 if variant.framework == "torch" else compile_seconds()
 
 
-def round_ratios(results: dict[str, Measured], name: str) -> list[float]:
-    """JAX/PyTorch images/s of each round (both timed in the same round)."""
-    baseline = results[BASELINE]
+def round_ratios(results: dict[str, Measured], name: str, baseline_name: str = BASELINE) -> list[float]:
+    """A variant's images/s over the baseline's, of each round (both timed in the same round)."""
+    baseline = results[baseline_name]
     return [(results[name].images / s) / (baseline.images / b) for s, b in
             zip(results[name].seconds, baseline.seconds, strict=True)]
 
@@ -262,7 +277,7 @@ def memory_probed(chosen: list[Variant], quick: bool) -> set[str]:
     full run; in a quick run the first of each framework, enough to show the probe works."""
     if not quick:
         return {variant.name for variant in chosen}
-    return {next(v.name for v in chosen if v.framework == framework) for framework in ("torch", "jax")}
+    return {next(v.name for v in chosen if v.framework == framework) for framework in ("torch", "jax", "nnx")}
 
 
 def memory_probe(variant_name: str, batch_size: int, args: argparse.Namespace) -> dict[str, float]:
@@ -331,9 +346,9 @@ def machine() -> dict[str, object]:
 
 
 def full_training(args: argparse.Namespace, out: Path) -> dict[str, dict]:
-    """--train: both frameworks' CLIs with the recipe; accuracy against epoch and time."""
+    """--train: the three trainers' CLIs with the recipe; accuracy against epoch and time."""
     runs = {}
-    for module in ("torch_ref.train", "jax_impl.train"):
+    for module in TRAINERS:
         run_dir = out / module.split(".")[0]
         command = [sys.executable, "-m", module, "--recipe", args.recipe, "--out", str(run_dir), "--device",
                    args.device]
@@ -362,16 +377,17 @@ def markdown(report: dict) -> str:
     for batch_size, entries in report["throughput"].items():
         lines += [f"Batch {batch_size} (median of {report['settings']['repeats']} rounds, "
                   f"{next(iter(entries.values()))['images_per_round']} images each):", "",
-                  "| variant | train images/s | vs PyTorch eager (median of rounds) | eval images/s | "
+                  "| variant | train images/s | vs PyTorch eager (median of rounds) | vs linen loop | eval images/s | "
                   "first-step overhead s | compile s | peak RSS MB (training +MB) | GFLOP/s | % of sgemm peak |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, entry in entries.items():
             ratio = f"{entry['ratio_to_pytorch_eager']:.2f}x" if entry.get("ratio_to_pytorch_eager") else "1.00x"
             memory = entry.get("memory")
             memory_text = "" if memory is None else (
                 f"{memory['peak_rss_mb']:,.0f} (+{memory['peak_rss_mb'] - memory['rss_before_training_mb']:,.0f})")
+            linen = f"{entry['ratio_to_linen_loop']:.2f}x" if "ratio_to_linen_loop" in entry else ""
             lines.append(
-                f"| {name} | {entry['train_images_per_second']:,.0f} | {ratio} | "
+                f"| {name} | {entry['train_images_per_second']:,.0f} | {ratio} | {linen} | "
                 f"{entry['eval_images_per_second']:,.0f} | {entry['first_step_overhead_seconds']:.2f} | "
                 f"{entry['compile_seconds']:.1f} | {memory_text} | {entry['achieved_gflops']:.1f} | "
                 f"{entry['percent_of_sgemm_peak']:.1f} |")
@@ -450,7 +466,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run of about a minute: batch 128 only, 3 rounds, small chunks, the memory "
                              "of one variant per framework, no torch.compile, seed groups or scaling")
-    parser.add_argument("--train", action="store_true", help="also train both frameworks fully with --recipe")
+    parser.add_argument("--train", action="store_true", help="also train the three trainers fully with --recipe")
     parser.add_argument("--batch-sizes", type=_positive_list, default=None,
                         help="comma-separated batch sizes (default: 128,512; quick 128)")
     parser.add_argument("--repeats", type=_positive_int, default=None,
@@ -578,6 +594,8 @@ def measure(args: argparse.Namespace, recipe: Recipe, data: Mnist, out: Path, st
                 ratios = round_ratios(results, variant.name)
                 entry["ratio_to_pytorch_eager"] = statistics.median(ratios)
                 entry["round_ratios"] = ratios
+            if variant.framework == "nnx":
+                entry["ratio_to_linen_loop"] = statistics.median(round_ratios(results, variant.name, LINEN_LOOP))
             if variant.name in probed and (index == 0 or not args.quick):
                 entry["memory"] = memory_probe(variant.name, batch_size, args)
             entries[variant.name] = entry

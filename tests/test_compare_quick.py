@@ -14,7 +14,7 @@ from tests.conftest import REPO_ROOT
 pytestmark = pytest.mark.slow  # compare.py --quick: both frameworks timed, memory probed in fresh processes
 
 VARIANTS = {"PyTorch eager", "PyTorch channels_last", "JAX step loop, fast layers", "JAX step loop, plain layers",
-            "JAX lax.scan epoch"}
+            "JAX lax.scan epoch", "NNX step loop (nnx.jit), fast layers"}
 
 
 def numbers(value):
@@ -38,6 +38,7 @@ def test_quick_comparison_writes_a_complete_report(tmp_path, synthetic_dir):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| JAX step loop, fast layers |" in result.stdout and "| JAX step loop, plain layers |" in result.stdout
+    assert "| NNX step loop (nnx.jit), fast layers |" in result.stdout
     report = json.loads((out / "results.json").read_text())
     assert {"settings", "machine", "sgemm_gflops", "flops", "throughput", "wall_seconds"} <= set(report)
     assert {"cpu", "cores", "torch", "jax", "flax", "optax", "numpy", "python"} <= set(report["machine"])
@@ -48,13 +49,14 @@ def test_quick_comparison_writes_a_complete_report(tmp_path, synthetic_dir):
             assert {"train_images_per_second", "eval_images_per_second", "first_step_overhead_seconds",
                     "compile_seconds", "achieved_gflops", "percent_of_sgemm_peak", "round_seconds"} <= set(entry)
             assert ("ratio_to_pytorch_eager" in entry) == (name != "PyTorch eager")
+            assert ("ratio_to_linen_loop" in entry) == (entry["framework"] == "nnx")
             assert entry["train_images_per_second"] > 0 and entry["eval_images_per_second"] > 0
             # --quick probes the memory of one variant per framework, each in a fresh process.
-            probed = name in {"PyTorch eager", "JAX step loop, fast layers"}
+            probed = name in {"PyTorch eager", "JAX step loop, fast layers", "NNX step loop (nnx.jit), fast layers"}
             assert ("memory" in entry) == probed
             assert not probed or entry["memory"]["peak_rss_mb"] > 0
-            # Each JAX variant compiles (or loads from the cache) its own programs; PyTorch compiles nothing.
-            assert (entry["compile_seconds"] > 0) == (entry["framework"] == "jax")
+            # Each JAX or NNX variant compiles (or loads from the cache) its own programs; PyTorch compiles nothing.
+            assert (entry["compile_seconds"] > 0) == (entry["framework"] != "torch")
     assert report["flops"]["per_image_from_spec"] == 5_093_952
     assert report["flops"]["per_image_xla"] > 0
     values = list(numbers(report))

@@ -13,9 +13,12 @@ import pytest
 
 import jax_impl.train
 import nnx_impl.train
+from common.batching import plan_epoch
 from common.metrics import read_metrics
 from common.recipes import BEST
+from common.settings import RunSettings
 from nnx_impl.checkpoints import read_checkpoint, read_weights
+from nnx_impl.model import variables_of
 from tests.float64_jax_train import float64_training
 from tests.test_data_parallel_jax import assert_same_state
 from tests.test_jax_training import help_text
@@ -78,3 +81,21 @@ def test_2_devices_take_the_steps_of_one_device(tmp_path, synthetic_dir):
     assert two["variables"]["params"]["conv1"]["kernel"].dtype == np.float64
     assert_same_state(two["variables"], one["variables"])  # BatchNorm over the whole batch included
     assert_same_state(two["optimizer"], one["optimizer"])
+
+
+def test_the_split_merge_form_compare_py_times_takes_the_same_steps(synthetic_mnist):
+    """benchmarks/nnx_trainer.py's two forms of the step, `nnx.jit` (what nnx_impl.train runs) and
+    Flax's functional split/merge: the same body compiled through either path, so 8 steps leave
+    the same weights, statistics and step count to the bit; compare.py's rows time one computation."""
+    from benchmarks.nnx_trainer import NnxTrainer
+
+    plan = plan_epoch(0, 1, len(synthetic_mnist.train_labels), 128, BEST.augmentation).head(4 * 128)
+    settings = RunSettings(BEST, device="cpu", ops="fast")
+    trainers = [NnxTrainer(settings, plan, form) for form in ("nnx.jit", "split/merge")]
+    for trainer in trainers:
+        for _ in range(2):
+            trainer.train_epoch(plan, synthetic_mnist.train_images, synthetic_mnist.train_labels)
+    assert [int(trainer.optimizer.step[...]) for trainer in trainers] == [8, 8]
+    for ours, theirs in zip(*(jax.tree_util.tree_leaves(variables_of(trainer.model)) for trainer in trainers),
+                            strict=True):
+        np.testing.assert_array_equal(ours, theirs)
