@@ -76,8 +76,7 @@ from common.settings import RunSettings  # noqa: E402
 from common.spec import training_flops_per_image  # noqa: E402
 from common.system import cpu_name, usable_cpu_count  # noqa: E402
 from common.transforms import normalize  # noqa: E402
-from jax_impl.fast.compile_clock import compile_seconds  # noqa: E402
-from jax_impl.train import enable_compilation_cache  # noqa: E402
+from jax_impl.fast.compile_clock import compile_seconds, enable_compilation_cache  # noqa: E402
 
 BASELINE = "PyTorch eager"
 LINEN_LOOP = "JAX step loop, fast layers"  # what the NNX rows, on the same layers, are also measured against

@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> None:
     from common.settings import RunSettings
 
     if args.framework == "jax":
-        from jax_impl.train import enable_compilation_cache, train
+        from jax_impl.fast.compile_clock import enable_compilation_cache
+        from jax_impl.train import train
 
         enable_compilation_cache()
     else:

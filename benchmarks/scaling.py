@@ -85,7 +85,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.worker == "jax":
         from benchmarks.jax_trainer import JaxTrainer as Trainer
         from jax_impl.distributed import join_processes
-        from jax_impl.train import enable_compilation_cache
+        from jax_impl.fast.compile_clock import enable_compilation_cache
 
         enable_compilation_cache()
     else:

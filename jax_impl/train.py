@@ -11,7 +11,6 @@ flags, batches, output and artefacts. The training itself is jax_impl.training; 
 from __future__ import annotations
 
 import functools
-import os
 import sys
 import time
 
@@ -23,7 +22,6 @@ from common.cli import FrameworkHelp, build_parser
 from common.errors import UserFacingError
 from common.interrupts import catch_interrupts
 from common.metrics import EpochRecord, evaluate_log_probs
-from common.mnist import DEFAULT_DATA_DIR
 from common.processes import SINGLE_PROCESS, Processes
 from common.run import (
     announce,
@@ -43,7 +41,7 @@ from jax_impl.checkpoints import NAMES, checkpoint_bytes, model_bytes, read_chec
 from jax_impl.devices import describe, limit_threads, select_devices
 from jax_impl.distributed import data_mesh, join_processes, put_replicated, replicated, split_along
 from jax_impl.fast.choice import layers_for, resolve_ops
-from jax_impl.fast.compile_clock import compile_seconds
+from jax_impl.fast.compile_clock import compile_seconds, enable_compilation_cache
 from jax_impl.model import Net
 from jax_impl.optim import learning_rate_schedule, make_optimizer
 from jax_impl.recalibration import batch_statistics, recalibrate_batchnorm, statistics_model
@@ -199,14 +197,6 @@ def train(settings: RunSettings, processes: Processes = SINGLE_PROCESS, resumed:
         return []
     log.finish(evaluation, model_bytes(evaluated_variables_of(state)) if settings.save_model else None)
     return log.history
-
-
-def enable_compilation_cache() -> None:
-    """Persist every compiled program (they take seconds to build, milliseconds to load)."""
-    cache_dir = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(DEFAULT_DATA_DIR.parent / "era-s6-jax-cache"))
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 if __name__ == "__main__":

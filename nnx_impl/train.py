@@ -42,9 +42,8 @@ from jax_impl import data
 from jax_impl.devices import describe, limit_threads, select_devices
 from jax_impl.distributed import data_mesh, join_processes, put_replicated, replicated, split_along
 from jax_impl.fast.choice import resolve_ops
-from jax_impl.fast.compile_clock import compile_seconds
+from jax_impl.fast.compile_clock import compile_seconds, enable_compilation_cache
 from jax_impl.optim import learning_rate_schedule, make_optimizer
-from jax_impl.train import enable_compilation_cache
 from nnx_impl.averaging import averaged_model, evaluated_model
 from nnx_impl.checkpoints import NAMES, checkpoint_bytes, model_bytes, read_checkpoint, restore
 from nnx_impl.fast.choice import layers_for

@@ -42,7 +42,7 @@ def _each_jax_program_compiled_once(tmp_path_factory) -> Iterator[None]:
     """JAX's persistent compilation cache, in a directory of this session only (subprocesses
     inherit it). Many tests build a trainer for shapes another test has compiled already; each
     trainer jits new functions, which would otherwise compile the same programs again."""
-    from jax_impl.train import enable_compilation_cache
+    from jax_impl.fast.compile_clock import enable_compilation_cache
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax-compilation-cache")))

@@ -19,7 +19,7 @@ import numpy as np
 import jax_impl.seeds
 import jax_impl.train
 import nnx_impl.train
-from jax_impl.train import enable_compilation_cache
+from jax_impl.fast.compile_clock import enable_compilation_cache
 from jax_impl.training import create_train_state
 from nnx_impl import training as nnx_training
 from nnx_impl.model import load_variables, variables_of

@@ -105,7 +105,6 @@ FRAMEWORK_ONLY = {
     ("jax_impl", "summary", "torch_layer_name"): "maps one",
     ("jax_impl", "train", "EPOCH_KINDS"): "the step loop or one lax.scan per epoch",
     ("jax_impl", "train", "default_epoch"): "which of the two a platform runs",
-    ("jax_impl", "train", "enable_compilation_cache"): "XLA's persistent cache of compiled programs",
     ("jax_impl", "training", "check_batch"): "chex's trace-time checks of shapes and dtypes",
     ("jax_impl", "training", "scan_epoch"): "an epoch as one lax.scan",
     ("jax_impl", "training", "swa_step"): "AveragedModel.update_parameters as a step",
