@@ -20,6 +20,7 @@ from common.transforms import normalize
 from jax_impl import augment
 from jax_impl import data as jax_data
 from jax_impl.distributed import data_mesh, split_along
+from nnx_impl import train as nnx_train
 from tests.frameworks import JAX, TORCH
 from torch_ref import data as torch_data
 
@@ -33,7 +34,9 @@ def source_mnist(request, synthetic_dir) -> Mnist:
 
 
 def test_same_seed_feeds_identical_batches_to_both_trainers(source_mnist):
-    """What each trainer's step receives: the batches of torch_ref.data and jax_impl.data."""
+    """What each trainer's step receives: the batches of torch_ref.data and jax_impl.data (the NNX
+    trainer's too: it feeds its model through jax_impl.data)."""
+    assert nnx_train.data is jax_data
     plan = plan_epoch(0, 1, len(source_mnist.train_labels), 64, SEED.augmentation).head(64 * 2 + 10)
     images, labels = source_mnist.train_images, source_mnist.train_labels
     torch_inputs = [inputs.numpy() for inputs, _ in torch_data.host_batches(plan, images, labels, torch.device("cpu"))]
