@@ -131,6 +131,11 @@ def loss_summed_over_batch() -> None:
     """The loss summed over the batch instead of averaged (reduction "sum" for PyTorch's "mean")."""
     from jax_impl import training
 
+    _sum_the_loss(training)
+
+
+def _sum_the_loss(training: types.ModuleType) -> None:
+    """The training module's loss, as its steps call it, times the batch size."""
     mean_loss = training.training_loss
     training.training_loss = lambda log_probs, labels, label_smoothing=0.0: (
         mean_loss(log_probs, labels, label_smoothing) * labels.shape[0])
@@ -141,6 +146,11 @@ def dropout_key_reused() -> None:
     step drops the same activations."""
     from jax_impl import training
 
+    _reuse_the_key(training)
+
+
+def _reuse_the_key(training: types.ModuleType) -> None:
+    """The training module's jax.random.fold_in returning the key unchanged."""
     random = types.SimpleNamespace(**{**vars(jax.random), "fold_in": lambda key, data: key})
     training.jax = types.SimpleNamespace(**{**vars(jax), "random": random})
 
@@ -264,16 +274,13 @@ def _nnx_log_softmax_over_batch() -> None:
 def _nnx_loss_summed_over_batch() -> None:
     from nnx_impl import training
 
-    mean_loss = training.training_loss
-    training.training_loss = lambda log_probs, labels, label_smoothing=0.0: (
-        mean_loss(log_probs, labels, label_smoothing) * labels.shape[0])
+    _sum_the_loss(training)
 
 
 def _nnx_dropout_key_reused() -> None:
     from nnx_impl import training
 
-    random = types.SimpleNamespace(**{**vars(jax.random), "fold_in": lambda key, data: key})
-    training.jax = types.SimpleNamespace(**{**vars(jax), "random": random})
+    _reuse_the_key(training)
 
 
 def _nnx_recalibration_with_training_momentum() -> None:
