@@ -537,14 +537,8 @@ def test_training_processes_end_with_their_launcher(synthetic_dir, tmp_path):
 def test_ctrl_c_swallowed_by_a_finaliser_still_stops_the_run(synthetic_dir, tmp_path, monkeypatch, capsys):
     """JAX runs many finalisers and garbage-collector callbacks; a Ctrl-C arriving in one used to
     be printed as "Exception ignored" with a traceback and lost, and the run went on. Here it
-    arrives in a finaliser just after epoch 1's evaluation, as the KeyboardInterrupt Python raises
-    there for a Ctrl-C (raised directly, not through the operating system's SIGINT, whose handler
-    a library loaded earlier in the test process may have replaced): the run stops with its one
-    line."""
+    arrives in a finaliser just after epoch 1's evaluation: the run stops with its one line."""
     import weakref
-
-    def ctrl_c() -> None:
-        raise KeyboardInterrupt
 
     monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # the trainer's hook, removed afterwards
     real_evaluate = JAX.train_module.evaluate_log_probs
@@ -555,7 +549,7 @@ def test_ctrl_c_swallowed_by_a_finaliser_still_stops_the_run(synthetic_dir, tmp_
     def evaluate_then_ctrl_c_in_a_finaliser(*args, **kwargs):
         evaluation = real_evaluate(*args, **kwargs)
         garbage = Garbage()
-        weakref.finalize(garbage, ctrl_c)
+        weakref.finalize(garbage, signal.raise_signal, signal.SIGINT)
         del garbage  # the finaliser runs here, and the KeyboardInterrupt is raised inside it
         time.sleep(1.0)  # where the run would have gone on: the interrupt must arrive meanwhile
         return evaluation
