@@ -534,7 +534,17 @@ def test_training_processes_end_with_their_launcher(synthetic_dir, tmp_path):
 # Ctrl-C
 
 
-def test_ctrl_c_swallowed_by_a_finaliser_still_stops_the_run(synthetic_dir, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def ctrl_c_delivered():
+    """Python's own SIGINT handler for the test, whatever this process inherited: a shell starts a
+    background job (`pytest ... &`) with SIGINT ignored, and then no Ctrl-C would arrive at all."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)
+
+
+def test_ctrl_c_swallowed_by_a_finaliser_still_stops_the_run(synthetic_dir, tmp_path, monkeypatch, capsys,
+                                                             ctrl_c_delivered):
     """JAX runs many finalisers and garbage-collector callbacks; a Ctrl-C arriving in one used to
     be printed as "Exception ignored" with a traceback and lost, and the run went on. Here it
     arrives in a finaliser just after epoch 1's evaluation: the run stops with its one line."""
