@@ -66,11 +66,15 @@ def train_epoch(model: Net, optimizer: nnx.Optimizer, key: jax.Array, batches: I
                 report: Callable[[int, Metrics], None], label_smoothing: float = 0.0,
                 averaged: AveragedModel | None = None) -> None:
     """Every batch through `train_step`, one in flight: JAX dispatches step i + 1 before step i
-    has finished, and `report(images, metrics)` reads a step's metrics once the next is queued."""
+    has finished, and `report(images, metrics)` reads a step's metrics once the next is queued.
+
+    Only an EMA goes into the step: an SWA average changes once an epoch (`swa_step`), and
+    `nnx.jit` would otherwise walk its copy of the model at every step for nothing."""
     model.train()
+    every_step = averaged if averaged is not None and averaged.ema_decay is not None else None
     in_flight = None
     for inputs, targets in batches:
-        metrics = train_step(model, optimizer, (inputs, targets), key, label_smoothing, averaged)
+        metrics = train_step(model, optimizer, (inputs, targets), key, label_smoothing, every_step)
         if in_flight:
             report(*in_flight)
         in_flight = (targets.shape[-1], metrics)
