@@ -1,18 +1,21 @@
 """PyTorch, JAX (linen) and Flax NNX measured side by side, on the same machine, data and recipe, in one run.
 
-    python benchmarks/compare.py [--quick] [--train] [--batch-sizes 128,512] [--out DIR]
+    python benchmarks/compare.py [--quick | --more] [--train] [--batch-sizes 128,512] [--out DIR]
 
 Training throughput (images/s, the shared augmentation pipeline included) of every variant,
 measured round-robin so that drift of the machine affects all variants alike; the JAX/PyTorch
 ratio of each round, then its median; evaluation throughput; time to the first step and
 compile time; peak memory; achieved FLOP/s against the machine's sgemm peak measured in the
 same run; the NNX rows also their ratio to the linen step loop of the same layers. With --train,
-full training runs of the three trainers: accuracy against epoch and wall-clock time. Full runs
-also measure data-parallel scaling, 1 against 2 devices in PyTorch and JAX (benchmarks/scaling.py).
+full training runs of the three trainers: accuracy against epoch and wall-clock time. With
+--more, also groups of seeds, every variant's memory and data-parallel scaling, 1
+against 2 devices in PyTorch and JAX (benchmarks/scaling.py).
 Writes results.json, throughput.png (and accuracy.png) into --out and prints Markdown tables.
 
---out must be new or empty, and holds either a whole report or nothing of the run: a run that
-fails or is interrupted before its results.json is written removes what it wrote (see settle).
+It reports as it goes: a progress bar with the time left, each figure as it is measured, and
+results.json rewritten after each round, marked incomplete until the end. --out must be new or
+empty; a run that fails or is interrupted keeps what it measured, or, stopped before its first
+figure, removes what it wrote (see settle).
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from benchmarks import scaling  # noqa: E402
 from benchmarks.jax_trainer import JaxSeedsTrainer, JaxTrainer  # noqa: E402
 from benchmarks.nnx_trainer import NnxTrainer  # noqa: E402
+from benchmarks.progress import RunProgress, is_complete  # noqa: E402
 from benchmarks.torch_trainer import TorchTrainer  # noqa: E402
 from common import cli  # noqa: E402
 from common.batching import EpochPlan, plan_epoch  # noqa: E402
@@ -74,7 +78,7 @@ from common.mnist import Mnist  # noqa: E402
 from common.recipes import DEFAULT_RECIPE, Recipe, get_recipe  # noqa: E402
 from common.settings import RunSettings  # noqa: E402
 from common.spec import training_flops_per_image  # noqa: E402
-from common.system import cpu_name, usable_cpu_count  # noqa: E402
+from common.system import cpu_name, cpu_vector_extensions, usable_cpu_count  # noqa: E402
 from common.transforms import normalize  # noqa: E402
 from jax_impl.fast.compile_clock import compile_seconds, enable_compilation_cache  # noqa: E402
 
@@ -135,7 +139,9 @@ def nnx_loop(form: str) -> Build:
     return build
 
 
-def variants(quick: bool) -> list[Variant]:
+def variants(quick: bool, more: bool = False) -> list[Variant]:
+    """The variants a run measures: --quick the first seven, a full run also torch.compile and
+    NNX's split/merge form, --more also the groups of seeds."""
     found = [Variant(BASELINE, "torch", torch_eager), Variant("PyTorch channels_last", "torch", torch_channels_last)]
     if quick:
         pass  # torch.compile takes minutes to compile here: full runs only
@@ -148,6 +154,8 @@ def variants(quick: bool) -> list[Variant]:
     if quick:
         return found  # the split/merge form and seed groups: full runs only
     found.append(Variant("NNX step loop (split/merge), fast layers", "nnx", nnx_loop("split/merge")))
+    if not more:
+        return found
     return found + [Variant(f"PyTorch {GROUP_SEEDS} seeds in turn", "torch", torch_eager, seeds=GROUP_SEEDS),
                     Variant(f"JAX {GROUP_SEEDS} seeds in one program", "jax", JaxSeedsTrainer, seeds=GROUP_SEEDS)]
 
@@ -186,27 +194,45 @@ def build_trainer(variant: Variant, settings: RunSettings, plan: EpochPlan) -> T
     return variant.build(settings, plan, tuple(range(variant.seeds)))
 
 
+def chunk_images(batch_size: int, args: argparse.Namespace) -> int:
+    """The images of one timed chunk: whole batches, at least one."""
+    return max(1, args.chunk_images // batch_size) * batch_size
+
+
 def measure_training(chosen: list[Variant], batch_size: int, data: Mnist, args: argparse.Namespace,
-                     recipe: Recipe) -> dict[str, Measured]:
-    """Warm up every variant, then time chunks of training round-robin."""
-    chunk = max(1, args.chunk_images // batch_size)
+                     recipe: Recipe, progress: RunProgress) -> dict[str, Measured]:
+    """Warm up every variant, then time chunks of training round-robin; each round's figures are
+    said and saved (`progress`) as soon as they are measured."""
+    images = chunk_images(batch_size, args)
     settings = RunSettings(recipe.with_overrides(batch_size=batch_size), device=args.device)
     trainers, results = {}, {}
-    warm_up = plan_epoch(0, 1, len(data.train_labels), batch_size, recipe.augmentation).head(chunk * batch_size)
+    warm_up = plan_epoch(0, 1, len(data.train_labels), batch_size, recipe.augmentation).head(images)
     for variant in chosen:
+        progress.doing(f"batch {batch_size}, first chunk: {variant.name}")
         compiled_before = time_compiling(variant)
         trainer = build_trainer(variant, settings, warm_up)
         cold_seconds = train_seconds(trainer, warm_up, data)
         trainers[variant.name] = trainer
         results[variant.name] = Measured(cold_seconds, time_compiling(variant) - compiled_before)
+        progress.trained(images * variant.seeds)
+        compiling = ("compiling included" if variant.compiles_on_first_use else
+                     "nothing to compile" if variant.framework == "torch" else
+                     f"compiled in {results[variant.name].compile_seconds:.1f} s")
+        progress.say(f"batch {batch_size} | {variant.name}: first chunk {cold_seconds:.1f} s ({compiling})")
     for round_index in range(args.repeats):
-        plan = plan_epoch(1, round_index + 1, len(data.train_labels), batch_size, recipe.augmentation)
-        plan = plan.head(chunk * batch_size)
+        plan = plan_epoch(1, round_index + 1, len(data.train_labels), batch_size, recipe.augmentation).head(images)
         for variant in chosen:
+            progress.doing(f"batch {batch_size}, round {round_index + 1}/{args.repeats}: {variant.name}")
             results[variant.name].seconds.append(train_seconds(trainers[variant.name], plan, data))
             results[variant.name].images = len(plan.order) * variant.seeds
+            progress.trained(results[variant.name].images)
+        progress.say(f"batch {batch_size} | round {round_index + 1}/{args.repeats}, training images/s: " + "; ".join(
+            f"{v.name} {results[v.name].images / results[v.name].seconds[-1]:,.0f}" for v in chosen))
+        progress.report["throughput"][str(batch_size)] = throughput_entries(chosen, results, progress.report)
+        progress.save()
     test_inputs = normalize(data.test_images[: args.eval_images])
     for variant in chosen:
+        progress.doing(f"batch {batch_size}, evaluation: {variant.name}")
         trainer = trainers[variant.name]
         trainer.predict(test_inputs[:1000], 1000)  # compile / warm up
         times = []
@@ -271,10 +297,10 @@ def xla_flops_per_image(batch_size: int, recipe: Recipe) -> float | None:
     return float(flops) / batch_size if flops else None
 
 
-def memory_probed(chosen: list[Variant], quick: bool) -> set[str]:
-    """The variants whose memory is measured, each in a fresh process of its own: every one in a
-    full run; in a quick run the first of each framework, enough to show the probe works."""
-    if not quick:
+def memory_probed(chosen: list[Variant], more: bool) -> set[str]:
+    """The variants whose memory is measured, each in a fresh process of its own: every one with
+    --more; otherwise the first of each framework, enough to compare the frameworks."""
+    if more:
         return {variant.name for variant in chosen}
     return {next(v.name for v in chosen if v.framework == framework) for framework in ("torch", "jax", "nnx")}
 
@@ -293,7 +319,7 @@ def run_probe(args: argparse.Namespace) -> None:
     data = cli.load_data(args)
     batch_size = args.batch_sizes[0]
     recipe = get_recipe(args.recipe)
-    variant = next(v for v in variants(quick=False) if v.name == args.probe)
+    variant = next(v for v in variants(quick=False, more=True) if v.name == args.probe)
     plan = plan_epoch(0, 1, len(data.train_labels), batch_size, recipe.augmentation).head(3 * batch_size)
     settings = RunSettings(recipe.with_overrides(batch_size=batch_size), device=args.device)
     trainer = build_trainer(variant, settings, plan)
@@ -338,10 +364,49 @@ def machine() -> dict[str, object]:
     import optax
 
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "usable_cores": usable_cpu_count(), "gpu": gpu,
+            "vector_extensions": cpu_vector_extensions(), "torch_cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+            "xla_cpu_isa": xla_cpu_isa(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "jax_devices": [str(d) for d in jax.devices()], "python": platform.python_version(),
             "numpy": np.__version__, "torch": torch.__version__, "jax": jax.__version__,
             "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else jax.__version__,
             "flax": flax.__version__, "optax": optax.__version__, "platform": platform.platform()}
+
+
+# For the duration said at the start: training runs here at 3-13% of the sgemm peak (docs/speed.md),
+# a first chunk costs seconds more than a warm one (compiling), a memory probe starts a process.
+ESTIMATE_SHARE_OF_PEAK = 0.08
+ESTIMATE_FIRST_CHUNK_SECONDS = 10.0
+ESTIMATE_PROBE_SECONDS = 20.0
+
+
+def expected_minutes(total_images: int, variant_count: int, probed: set[str], args: argparse.Namespace,
+                     report: dict) -> float:
+    """A rough duration of the measuring, from the sgemm peak just measured; the bar's time left
+    corrects it as the run goes. --more's scaling and --train's runs come on top."""
+    images_per_second = (ESTIMATE_SHARE_OF_PEAK * report["sgemm_gflops"]["peak"] * 1e9
+                         / report["flops"]["per_image_from_spec"])
+    probes = len(probed) * (1 if args.quick else len(args.batch_sizes))
+    seconds = (total_images / images_per_second + len(args.batch_sizes) * variant_count * ESTIMATE_FIRST_CHUNK_SECONDS
+               + probes * ESTIMATE_PROBE_SECONDS)
+    return seconds / 60
+
+
+def xla_cpu_isa() -> str:
+    """The instruction set XLA:CPU compiles for: the host's widest, unless XLA_FLAGS caps it."""
+    for flag in os.environ.get("XLA_FLAGS", "").split():
+        if flag.startswith("--xla_cpu_max_isa="):
+            return flag.split("=", 1)[1]
+    return "the host's"
+
+
+def machine_line(report: dict) -> str:
+    """The CPU, its vector extensions and the sgemm peak: what every ratio in the report depends on."""
+    machine = report["machine"]
+    extensions = ", ".join(machine.get("vector_extensions") or ["not listed on this OS"])
+    return (f"{machine['cpu']}, {machine['usable_cores']} cores ({extensions}; PyTorch's CPU kernels "
+            f"{machine['torch_cpu_kernels']}, XLA compiles for {machine['xla_cpu_isa']}"
+            + (f", XLA_FLAGS {machine['xla_flags']}" if machine["xla_flags"] else "")
+            + f"); sgemm peak {report['sgemm_gflops']['peak']:.0f} GFLOP/s")
 
 
 def full_training(args: argparse.Namespace, out: Path) -> dict[str, dict]:
@@ -369,28 +434,34 @@ def _first_time(elapsed: np.ndarray, accuracy: list[float], target: float) -> fl
     return next((float(t) for t, a in zip(elapsed, accuracy, strict=True) if a >= target), None)
 
 
+def throughput_table(report: dict, batch_size: int) -> str:
+    """One batch size's Markdown table, headed by the machine its ratios depend on."""
+    entries = report["throughput"][str(batch_size)]
+    lines = [f"Batch {batch_size} (median of {report['settings']['repeats']} rounds, "
+             f"{next(iter(entries.values()))['images_per_round']} images each), {machine_line(report)}:", "",
+             "| variant | train images/s | vs PyTorch eager (median of rounds) | vs linen loop | eval images/s | "
+             "first-step overhead s | compile s | peak RSS MB (training +MB) | GFLOP/s | % of sgemm peak |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, entry in entries.items():
+        ratio = f"{entry['ratio_to_pytorch_eager']:.2f}x" if entry.get("ratio_to_pytorch_eager") else "1.00x"
+        memory = entry.get("memory")
+        memory_text = "" if memory is None else (
+            f"{memory['peak_rss_mb']:,.0f} (+{memory['peak_rss_mb'] - memory['rss_before_training_mb']:,.0f})")
+        linen = f"{entry['ratio_to_linen_loop']:.2f}x" if "ratio_to_linen_loop" in entry else ""
+        lines.append(
+            f"| {name} | {entry['train_images_per_second']:,.0f} | {ratio} | {linen} | "
+            f"{entry['eval_images_per_second']:,.0f} | {entry['first_step_overhead_seconds']:.2f} | "
+            f"{entry['compile_seconds']:.1f} | {memory_text} | {entry['achieved_gflops']:.1f} | "
+            f"{entry['percent_of_sgemm_peak']:.1f} |")
+    return "\n".join(lines)
+
+
 def markdown(report: dict) -> str:
-    lines = [f"Machine: {report['machine']['cpu']}, {report['machine']['usable_cores']} cores"
-             + (f", GPU {report['machine']['gpu']}" if report["machine"]["gpu"] else "")
-             + f"; torch {report['machine']['torch']}, jax {report['machine']['jax']}.", ""]
-    for batch_size, entries in report["throughput"].items():
-        lines += [f"Batch {batch_size} (median of {report['settings']['repeats']} rounds, "
-                  f"{next(iter(entries.values()))['images_per_round']} images each):", "",
-                  "| variant | train images/s | vs PyTorch eager (median of rounds) | vs linen loop | eval images/s | "
-                  "first-step overhead s | compile s | peak RSS MB (training +MB) | GFLOP/s | % of sgemm peak |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for name, entry in entries.items():
-            ratio = f"{entry['ratio_to_pytorch_eager']:.2f}x" if entry.get("ratio_to_pytorch_eager") else "1.00x"
-            memory = entry.get("memory")
-            memory_text = "" if memory is None else (
-                f"{memory['peak_rss_mb']:,.0f} (+{memory['peak_rss_mb'] - memory['rss_before_training_mb']:,.0f})")
-            linen = f"{entry['ratio_to_linen_loop']:.2f}x" if "ratio_to_linen_loop" in entry else ""
-            lines.append(
-                f"| {name} | {entry['train_images_per_second']:,.0f} | {ratio} | {linen} | "
-                f"{entry['eval_images_per_second']:,.0f} | {entry['first_step_overhead_seconds']:.2f} | "
-                f"{entry['compile_seconds']:.1f} | {memory_text} | {entry['achieved_gflops']:.1f} | "
-                f"{entry['percent_of_sgemm_peak']:.1f} |")
-        lines.append("")
+    machine = report["machine"]
+    lines = [f"Machine: {machine_line(report)}" + (f"; GPU {machine['gpu']}" if machine["gpu"] else "")
+             + f"; torch {machine['torch']}, jax {machine['jax']}, flax {machine['flax']}.", ""]
+    for batch_size in report["throughput"]:
+        lines += [throughput_table(report, int(batch_size)), ""]
     flops = report["flops"]
     lines.append(f"Training FLOPs per image: {flops['per_image_from_spec'] / 1e6:.2f} M from the spec's layer table "
                  f"(XLA's count of the lowered step: {flops['per_image_xla'] / 1e6:.2f} M); sgemm peak "
@@ -462,14 +533,18 @@ def _positive_list(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run of about a minute: batch 128 only, 3 rounds, small chunks, the memory "
-                             "of one variant per framework, no torch.compile, seed groups or scaling")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                        help="a smoke run of about a minute: batch 128 only, 3 rounds, small chunks, no "
+                             "torch.compile or NNX split/merge")
+    size.add_argument("--more", action="store_true",
+                        help="also the longer sections (about twice the time): groups of 5 seeds, the memory of "
+                             "every variant, data-parallel scaling from 1 device to 2")
     parser.add_argument("--train", action="store_true", help="also train the three trainers fully with --recipe")
     parser.add_argument("--batch-sizes", type=_positive_list, default=None,
                         help="comma-separated batch sizes (default: 128,512; quick 128)")
     parser.add_argument("--repeats", type=_positive_int, default=None,
-                        help="timed rounds per batch size (default 7; quick 3)")
+                        help="timed rounds per batch size (default 5; quick 3)")
     parser.add_argument("--chunk-images", type=_positive_int, default=None,
                         help="images per timed chunk (default 8192; quick 1024)")
     parser.add_argument("--eval-images", type=_positive_int, default=10000, help="test images per evaluation timing")
@@ -481,7 +556,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: memory of one variant
     args = parser.parse_args(argv)
     args.batch_sizes = args.batch_sizes or ([128] if args.quick else [128, 512])
-    args.repeats = args.repeats or (3 if args.quick else 7)
+    args.repeats = args.repeats or (3 if args.quick else 5)
     args.chunk_images = args.chunk_images or (1024 if args.quick else 8192)
     if args.quick:
         args.eval_images = min(args.eval_images, 2000)
@@ -519,6 +594,7 @@ def compare(args: argparse.Namespace) -> int:
         report = measure(args, recipe, data, out, started)
         plots(report, out)
         # Last, and whole or not at all: a results.json in --out means the run is complete (see settle).
+        report["complete"] = True
         atomic_write_bytes(out / "results.json", (json.dumps(report, indent=2) + "\n").encode())
         print(markdown(report))
         print(f"\nresults in {out} ({report['wall_seconds']:.0f} s)")
@@ -545,15 +621,19 @@ def check_out(out: Path) -> Path | None:
 
 
 def settle(out: Path, created: Path | None) -> str:
-    """After a failure or a Ctrl-C: keep a run whose results.json is written (only its tables were
-    not printed), else remove everything it wrote, and say which, for the user.
+    """After a failure or a Ctrl-C: keep what the run measured once its results.json exists
+    (complete, or the figures so far, marked incomplete), else remove everything it wrote, and
+    say which, for the user.
 
     --out is created when the run starts rather than when there is something to write: --train's
     runs write into it minutes before the report, so a failure must remove what it wrote anyway,
-    and one rule (made at the start, removed unless complete) covers every step; and an --out that
-    cannot be made fails at once, not after the measuring."""
-    if (out / "results.json").exists():  # this run's: --out was new or empty
-        return f"the results in {out} are complete and kept"
+    and one rule (made at the start, removed unless something was measured) covers every step;
+    and an --out that cannot be made fails at once, not after the measuring."""
+    results = out / "results.json"
+    if results.exists():  # this run's: --out was new or empty
+        if is_complete(results):
+            return f"the results in {out} are complete and kept"
+        return f"the figures measured so far are kept in {results} (marked incomplete)"
     # The directories this run made, or, in an --out that existed (empty), all that is in it now.
     for path in [created] if created else list(out.iterdir()):
         if path.is_dir() and not path.is_symlink():
@@ -564,50 +644,78 @@ def settle(out: Path, created: Path | None) -> str:
 
 
 def measure(args: argparse.Namespace, recipe: Recipe, data: Mnist, out: Path, started: float) -> dict:
-    """Every number of the report; with --train also the full runs, which train into `out`."""
-    chosen = variants(args.quick)
-    probed = memory_probed(chosen, args.quick)
+    """Every number of the report, each said and saved into a partial results.json as it is
+    measured; with --train also the full runs, which train into `out`."""
+    chosen = variants(args.quick, args.more)
+    probed = memory_probed(chosen, args.more)
     sgemm = sgemm_gflops()
     sgemm["peak"] = max(sgemm.values())
     flops_per_image = training_flops_per_image()
-    report = {"settings": {"quick": args.quick, "repeats": args.repeats, "chunk_images": args.chunk_images,
-                           "recipe": args.recipe, "device": args.device, "batch_sizes": args.batch_sizes},
+    report = {"settings": {"quick": args.quick, "more": args.more, "repeats": args.repeats,
+                           "chunk_images": args.chunk_images, "recipe": args.recipe, "device": args.device,
+                           "batch_sizes": args.batch_sizes},
               "machine": machine(), "sgemm_gflops": sgemm,
               "flops": {"per_image_from_spec": flops_per_image,
                         "per_image_xla": xla_flops_per_image(args.batch_sizes[0], recipe)},
               "throughput": {}}
-    for index, batch_size in enumerate(args.batch_sizes):
-        results = measure_training(chosen, batch_size, data, args, recipe)
-        entries = {}
-        for variant in chosen:
-            measured = results[variant.name]
-            entry = {"framework": variant.framework, "train_images_per_second": measured.images_per_second,
-                     "round_seconds": measured.seconds, "images_per_round": measured.images,
-                     "eval_images_per_second": measured.eval_images_per_second,
-                     "first_step_overhead_seconds": measured.first_step_overhead,
-                     "compile_seconds": (measured.first_step_overhead if variant.compiles_on_first_use
-                                         else measured.compile_seconds),
-                     "achieved_gflops": measured.images_per_second * flops_per_image / 1e9}
-            entry["percent_of_sgemm_peak"] = 100 * entry["achieved_gflops"] / sgemm["peak"]
-            if variant.name != BASELINE:
-                ratios = round_ratios(results, variant.name)
-                entry["ratio_to_pytorch_eager"] = statistics.median(ratios)
-                entry["round_ratios"] = ratios
-            if variant.framework == "nnx":
-                entry["ratio_to_linen_loop"] = statistics.median(round_ratios(results, variant.name, LINEN_LOOP))
-            if variant.name in probed and (index == 0 or not args.quick):
-                entry["memory"] = memory_probe(variant.name, batch_size, args)
-            entries[variant.name] = entry
-        report["throughput"][str(batch_size)] = entries
-    if not args.quick:  # four fresh processes that each compile or start a process group: full runs only
-        device = "gpu" if torch.cuda.device_count() >= 2 and args.device != "cpu" else "cpu"
-        batch_size = max(args.batch_sizes)
-        report["scaling"] = {"device": device, "batch_size": batch_size, "results": scaling.measure_all(
-            device, batch_size, args.repeats, args.chunk_images, cli.data_flags(args))}
+    total_images = sum(chunk_images(b, args) * (args.repeats + 1) * sum(v.seeds for v in chosen)
+                       for b in args.batch_sizes)
+    progress = RunProgress(out, report, total_images)
+    try:
+        minutes = expected_minutes(total_images, len(chosen), probed, args, report)
+        progress.say(f"Measuring {len(chosen)} variants at batch {', '.join(map(str, args.batch_sizes))} on "
+                     f"{machine_line(report)}: about {minutes:.0f} min expected; each figure is printed, and saved to "
+                     f"{out / 'results.json'}, as it is measured.")
+        for batch_size in args.batch_sizes:
+            results = measure_training(chosen, batch_size, data, args, recipe, progress)
+            entries = report["throughput"][str(batch_size)] = throughput_entries(chosen, results, report)
+            progress.save()
+            for name in [v.name for v in chosen if v.name in probed and (batch_size == args.batch_sizes[0] or
+                                                                         not args.quick)]:
+                progress.doing(f"batch {batch_size}, memory (a fresh process): {name}")
+                entries[name]["memory"] = memory_probe(name, batch_size, args)
+                progress.save()
+            progress.say("\n" + throughput_table(report, batch_size) + "\n")
+        if args.more:  # four fresh processes that each compile or start a process group
+            device = "gpu" if torch.cuda.device_count() >= 2 and args.device != "cpu" else "cpu"
+            batch_size = max(args.batch_sizes)
+            progress.doing("data-parallel scaling, 1 device against 2 (four fresh processes)")
+            report["scaling"] = {"device": device, "batch_size": batch_size, "results": scaling.measure_all(
+                device, batch_size, args.repeats, args.chunk_images, cli.data_flags(args))}
+            progress.save()
+    finally:
+        progress.close()
     if args.train:
         report["training"] = full_training(args, out)
     report["wall_seconds"] = time.perf_counter() - started
     return report
+
+
+def throughput_entries(chosen: list[Variant], results: dict[str, Measured], report: dict) -> dict[str, dict]:
+    """The report's figures of each variant measured so far at one batch size (a variant's
+    medians are over the rounds it has had)."""
+    flops_per_image, peak = report["flops"]["per_image_from_spec"], report["sgemm_gflops"]["peak"]
+    entries = {}
+    for variant in chosen:
+        measured = results[variant.name]
+        if not measured.seconds:
+            continue
+        entry = {"framework": variant.framework, "train_images_per_second": measured.images_per_second,
+                 "round_seconds": measured.seconds, "images_per_round": measured.images,
+                 "eval_images_per_second": measured.eval_images_per_second,
+                 "first_step_overhead_seconds": measured.first_step_overhead,
+                 "compile_seconds": (measured.first_step_overhead if variant.compiles_on_first_use
+                                     else measured.compile_seconds),
+                 "achieved_gflops": measured.images_per_second * flops_per_image / 1e9}
+        entry["percent_of_sgemm_peak"] = 100 * entry["achieved_gflops"] / peak
+        if variant.name != BASELINE:
+            ratios = round_ratios(results, variant.name)
+            entry["ratio_to_pytorch_eager"] = statistics.median(ratios)
+            entry["round_ratios"] = ratios
+        if variant.framework == "nnx":
+            entry["ratio_to_linen_loop"] = statistics.median(round_ratios(results, variant.name, LINEN_LOOP))
+        entries[variant.name] = entry
+    return entries
 
 
 if __name__ == "__main__":

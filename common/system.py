@@ -42,3 +42,22 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+# The vector extensions whose kernels XLA:CPU and oneDNN choose between, narrowest first.
+VECTOR_EXTENSIONS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile",
+                     "asimd", "sve", "sve2")
+
+
+def cpu_vector_extensions() -> list[str]:
+    """Which of `VECTOR_EXTENSIONS` this CPU has: the same model name can come with or without
+    AVX-512 (virtual machines hide some), and speed ratios follow the extensions. Linux lists them
+    in /proc/cpuinfo ("flags" on x86, "Features" on Arm); other systems answer [] here."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return []
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith(("flags", "Features")):
+            present = set(line.split(":", 1)[1].split())
+            return [name for name in VECTOR_EXTENSIONS if name in present]
+    return []

@@ -41,7 +41,16 @@ def test_quick_comparison_writes_a_complete_report(tmp_path, synthetic_dir):
     assert "| NNX step loop (nnx.jit), fast layers |" in result.stdout
     report = json.loads((out / "results.json").read_text())
     assert {"settings", "machine", "sgemm_gflops", "flops", "throughput", "wall_seconds"} <= set(report)
-    assert {"cpu", "cores", "torch", "jax", "flax", "optax", "numpy", "python"} <= set(report["machine"])
+    assert report["complete"] is True
+    assert {"cpu", "cores", "torch", "jax", "flax", "optax", "numpy", "python", "vector_extensions",
+            "torch_cpu_kernels", "xla_cpu_isa", "xla_flags"} <= set(report["machine"])
+    # It reports as it goes: the expected duration first, then each round's figures before the end.
+    progress = [line for line in result.stderr.splitlines() if line.startswith(("Measuring", "batch 128 |"))]
+    assert progress[0].startswith("Measuring 6 variants at batch 128 on ") and " min expected" in progress[0]
+    assert sum("round" in line for line in progress) == 3
+    # Every table names the CPU and the sgemm peak its ratios depend on.
+    assert f"{report['machine']['cpu']}, " in result.stdout.split("| variant |")[0]
+    assert "sgemm peak" in result.stdout.split("| variant |")[0]
     assert set(report["throughput"]) == {"128"}
     for entries in report["throughput"].values():
         assert set(entries) == VARIANTS

@@ -1,6 +1,7 @@
 """benchmarks/compare.py's bad input and bad luck: missing data, bad flags and an --out that holds
-anything are refused before anything is measured; --out holds a whole report or nothing of the
-run, and a run that fails or is interrupted removes what it wrote, never what was there before.
+anything are refused before anything is measured; a run that fails or is interrupted before its
+first figure removes what it wrote, never what was there before, and one stopped later keeps the
+figures measured so far, marked incomplete.
 On the synthetic MNIST (tests/synthetic_mnist.py); the refusals and the failures in-process,
 Ctrl-C in a real process."""
 
@@ -118,13 +119,24 @@ def test_a_failed_compare_removes_what_it_wrote(case, compare_module, synthetic_
 
 
 def test_a_compare_stopped_after_its_results_json_keeps_the_report(compare_module, tmp_path):
-    # results.json is written last, after the plots: only the printing of the tables is left.
+    # The complete results.json is written last, after the plots: only the printing of the tables is left.
     out = tmp_path / "made" / "results"
     out.mkdir(parents=True)
     (out / "throughput.png").write_bytes(b"png")
-    (out / "results.json").write_text("{}\n")
+    (out / "results.json").write_text('{"complete": true}\n')
     before = tree(tmp_path)
     assert compare_module.settle(out, tmp_path / "made") == f"the results in {out} are complete and kept"
+    assert tree(tmp_path) == before
+
+
+def test_a_compare_stopped_half_way_keeps_what_it_measured(compare_module, tmp_path):
+    # results.json is rewritten after each round, marked incomplete: minutes of measuring are not thrown away.
+    out = tmp_path / "made" / "results"
+    (out / "torch_ref").mkdir(parents=True)
+    (out / "results.json").write_text('{"complete": false, "throughput": {"128": {}}}\n')
+    before = tree(tmp_path)
+    assert compare_module.settle(out, tmp_path / "made") == (
+        f"the figures measured so far are kept in {out / 'results.json'} (marked incomplete)")
     assert tree(tmp_path) == before
 
 
@@ -134,7 +146,7 @@ def test_ctrl_c_while_measuring_ends_quietly_and_removes_what_the_run_made(synth
         process = subprocess.Popen([sys.executable, *COMPARE, "--data-dir", str(synthetic_dir), "--out", str(out)],
                                    cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
         try:
-            # compare.py prints nothing before its tables; --out appears just before the first measurement.
+            # --out appears just before the first measurement, seconds before the first results.json.
             deadline = time.monotonic() + 300
             while not out.is_dir() and process.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
