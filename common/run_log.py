@@ -24,6 +24,7 @@ from common.metrics import EpochRecord, Evaluation, write_metrics
 from common.mnist import Mnist
 from common.plots import plot_curves, plot_digits
 from common.settings import FrameworkNames, RunSettings, refuse_to_overwrite
+from common.system import machine_facts
 
 GRID_IMAGES = 32
 
@@ -64,7 +65,8 @@ class RunLog:
         self._claim = DirectoryClaim(settings.out)
         if resumed_history is None:  # checked again now that the directory is ours: a run may have finished there
             refuse_to_overwrite(settings.out)
-        write_json(settings.out / "config.json", {**settings.to_dict(), "framework": facts, "command": sys.argv})
+        write_json(settings.out / "config.json", {**settings.to_dict(), "framework": facts, "machine": machine_facts(),
+                                                  "command": sys.argv})
         if resumed_history is not None:
             self._resume_history(resumed_history)
 

@@ -49,6 +49,11 @@ VECTOR_EXTENSIONS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "
                      "asimd", "sve", "sve2")
 
 
+def machine_facts() -> dict[str, object]:
+    """The CPU a run's times and float32 results depend on, for its config.json."""
+    return {"cpu": cpu_name(), "vector_extensions": cpu_vector_extensions(), "usable_cores": usable_cpu_count()}
+
+
 def cpu_vector_extensions() -> list[str]:
     """Which of `VECTOR_EXTENSIONS` this CPU has: the same model name can come with or without
     AVX-512 (virtual machines hide some), and speed ratios follow the extensions. Linux lists them

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -60,4 +61,4 @@ def describe(devices: list[jax.Device], ops: str) -> dict[str, Any]:
     """The facts of a JAX run that config.json records."""
     return {"framework": "JAX", "version": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
             "device": str(devices[0]), "devices": len(devices), "processes": jax.process_count(), "ops": ops,
-            "threads": usable_cpu_count()}
+            "threads": usable_cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}

@@ -23,6 +23,7 @@ from common.metrics import read_metrics
 from common.processes import SINGLE_PROCESS
 from common.recipes import BEST, SEED
 from common.settings import RunSettings
+from common.system import cpu_name, cpu_vector_extensions
 from common.transforms import augment as core_augment
 from common.transforms import normalize as core_normalize
 from jax_impl import augment, data
@@ -176,6 +177,8 @@ def test_dry_run_writes_the_same_artefacts_as_torch_ref(dry_run):
     config = json.loads((dry_run / "config.json").read_text())
     assert config["framework"]["framework"] == "JAX" and config["recipe"]["name"] == "best"
     assert config["ops"] == "auto" and config["framework"]["ops"] == "fast"  # auto on the CPU
+    assert config["framework"]["xla_flags"] == os.environ.get("XLA_FLAGS", "")
+    assert config["machine"]["cpu"] == cpu_name() and config["machine"]["vector_extensions"] == cpu_vector_extensions()
 
 
 def test_ops_flag_picks_the_layers_and_config_records_them(tmp_path, synthetic_dir):

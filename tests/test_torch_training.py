@@ -15,6 +15,7 @@ from common.errors import CheckpointError, TrainingDivergedError
 from common.metrics import read_metrics
 from common.progress import EpochProgress
 from common.recipes import BEST, SEED
+from common.system import cpu_name, usable_cpu_count
 from tests.frameworks import TORCH, new_torch_state
 from torch_ref import data
 from torch_ref.checkpoints import read_checkpoint, read_weights, restore
@@ -49,6 +50,7 @@ def test_dry_run_writes_every_artefact(dry_run):
     assert history[0].lr == pytest.approx(BEST.lr / BEST.schedule.div_factor) and history[1].lr > history[0].lr
     config = json.loads((dry_run / "config.json").read_text())
     assert config["recipe"]["name"] == "best" and config["seed"] == 0 and config["dry_run"] is True
+    assert config["machine"]["cpu"] == cpu_name() and config["machine"]["usable_cores"] == usable_cpu_count()
 
 
 def test_checkpoint_restores_the_run_into_a_state_seeded_otherwise(dry_run, synthetic_mnist):
