@@ -78,7 +78,7 @@ from common.mnist import Mnist  # noqa: E402
 from common.recipes import DEFAULT_RECIPE, Recipe, get_recipe  # noqa: E402
 from common.settings import RunSettings  # noqa: E402
 from common.spec import training_flops_per_image  # noqa: E402
-from common.system import cpu_name, cpu_vector_extensions, usable_cpu_count  # noqa: E402
+from common.system import machine_facts  # noqa: E402
 from common.transforms import normalize  # noqa: E402
 from jax_impl.fast.compile_clock import compile_seconds, enable_compilation_cache  # noqa: E402
 
@@ -140,7 +140,7 @@ def nnx_loop(form: str) -> Build:
 
 
 def variants(quick: bool, more: bool = False) -> list[Variant]:
-    """The variants a run measures: --quick the first seven, a full run also torch.compile and
+    """The variants a run measures: --quick six, a full run also torch.compile and
     NNX's split/merge form, --more also the groups of seeds."""
     found = [Variant(BASELINE, "torch", torch_eager), Variant("PyTorch channels_last", "torch", torch_channels_last)]
     if quick:
@@ -363,8 +363,8 @@ def machine() -> dict[str, object]:
     import flax
     import optax
 
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "usable_cores": usable_cpu_count(), "gpu": gpu,
-            "vector_extensions": cpu_vector_extensions(), "torch_cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+    return {**machine_facts(), "cores": os.cpu_count(), "gpu": gpu,
+            "torch_cpu_kernels": torch.backends.cpu.get_cpu_capability(),
             "xla_cpu_isa": xla_cpu_isa(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "jax_devices": [str(d) for d in jax.devices()], "python": platform.python_version(),
             "numpy": np.__version__, "torch": torch.__version__, "jax": jax.__version__,
