@@ -538,8 +538,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a smoke run of about a minute: batch 128 only, 3 rounds, small chunks, no "
                              "torch.compile or NNX split/merge")
     size.add_argument("--more", action="store_true",
-                        help="also the longer sections (about twice the time): groups of 5 seeds, the memory of "
-                             "every variant, data-parallel scaling from 1 device to 2")
+                        help="also the longer sections: groups of 5 seeds, the memory of every variant, "
+                             "data-parallel scaling from 1 device to 2")
     parser.add_argument("--train", action="store_true", help="also train the three trainers fully with --recipe")
     parser.add_argument("--batch-sizes", type=_positive_list, default=None,
                         help="comma-separated batch sizes (default: 128,512; quick 128)")
@@ -593,7 +593,7 @@ def compare(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         report = measure(args, recipe, data, out, started)
         plots(report, out)
-        # Last, and whole or not at all: a results.json in --out means the run is complete (see settle).
+        # Last, and whole or not at all: the results.json marked complete (see settle).
         report["complete"] = True
         atomic_write_bytes(out / "results.json", (json.dumps(report, indent=2) + "\n").encode())
         print(markdown(report))
@@ -692,14 +692,11 @@ def measure(args: argparse.Namespace, recipe: Recipe, data: Mnist, out: Path, st
 
 
 def throughput_entries(chosen: list[Variant], results: dict[str, Measured], report: dict) -> dict[str, dict]:
-    """The report's figures of each variant measured so far at one batch size (a variant's
-    medians are over the rounds it has had)."""
+    """The report's figures of each variant at one batch size, over the rounds measured so far."""
     flops_per_image, peak = report["flops"]["per_image_from_spec"], report["sgemm_gflops"]["peak"]
     entries = {}
     for variant in chosen:
         measured = results[variant.name]
-        if not measured.seconds:
-            continue
         entry = {"framework": variant.framework, "train_images_per_second": measured.images_per_second,
                  "round_seconds": measured.seconds, "images_per_round": measured.images,
                  "eval_images_per_second": measured.eval_images_per_second,
