@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 from flax import linen as nn
 from jax import lax
 
-from jax_impl.fast.ops import conv_valid, make_chunked_weight_grad_conv, max_pool_2x2
+from jax_impl.fast.ops import conv_valid, keep_mask, make_chunked_weight_grad_conv, max_pool_2x2
 
 
 @pytest.fixture
@@ -44,6 +46,24 @@ def test_max_pool_equals_flax_including_ties(compile_it):
 def test_max_pool_rejects_odd_sizes():
     with pytest.raises(ValueError, match="even height and width"):
         max_pool_2x2(jnp.zeros((1, 5, 4, 1)))
+
+
+def test_the_compiled_dropout_and_pooling_gradient_hashes_only_into_the_stored_mask():
+    """keep_mask's layout choice, checked on what XLA:CPU compiles: every fusion that runs the
+    Threefry rounds (its uint32 shifts) outputs the mask itself (pred), so no forward or gradient
+    pass recomputes the hash from the key. Written as one expression, the mask is fused into
+    the float passes of dropout -> max pooling and their gradients instead."""
+    def loss(x, key):
+        kept = jnp.where(keep_mask(key, x.shape, 0.9), x / 0.9, 0)
+        return jnp.sum(max_pool_2x2(kept) ** 2)
+
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(jnp.ones((4, 8, 8, 16)), jax.random.key(0)).compile()
+    text = compiled.as_text()
+    bodies = dict(re.findall(r"(?m)^(%\S+) \(.*\{\n((?:.*\n)*?)\}", text))
+    hashing = {name for name, body in bodies.items() if re.search(r"u32\[[0-9,]+\]\S* shift-left\(", body)}
+    outputs = [element_type for element_type, computation in
+               re.findall(r"= (\w+)\[[0-9,]*\]\S* fusion\(.*calls=(%[\w.]+)", text) if computation in hashing]
+    assert hashing and outputs and set(outputs) == {"pred"}, (hashing, outputs)
 
 
 NHWC = ("NHWC", "HWIO", "NHWC")

@@ -56,11 +56,13 @@ def test_threefry_equals_jax_random_kernel_on_many_counters():
     np.testing.assert_array_equal(np.concatenate([np.asarray(ours[0]), np.asarray(ours[1])]), np.asarray(expected))
 
 
-def test_keep_mask_keeps_exactly_where_the_reference_bits_fall_below_the_threshold():
+@pytest.mark.parametrize("shape", [(3, 5, 4, 2), (3, 5, 3)], ids=["even-size", "odd-size"])
+def test_keep_mask_keeps_exactly_where_the_reference_bits_fall_below_the_threshold(shape):
     """keep_mask's contract: element i (row-major) is kept when the first word of Threefry of
-    the counter (i, 0) under the key's two words is below round(keep * 2**32)."""
+    the counter (i, 0) under the key's two words is below round(keep * 2**32). An odd size
+    too, since the mask is built in two halves of the counter range."""
     key = jax.random.key(42)
-    shape, keep = (3, 5, 4, 2), 0.85
+    keep = 0.85
     words = [int(w) for w in jax.random.key_data(key)]
     threshold = round(keep * 2**32)
     expected = np.array([reference_threefry(words, (i, 0))[0] < threshold for i in range(int(np.prod(shape)))])

@@ -211,8 +211,20 @@ def threefry2x32(key: tuple[jax.Array, jax.Array], x0: jax.Array, x1: jax.Array)
 def keep_mask(key: jax.Array, shape: tuple[int, ...], keep_probability: float) -> jax.Array:
     """Independent Bernoulli(keep_probability) draws, one per element of `shape`: Threefry of
     the element's index under `key`, compared with keep_probability * 2**32 (so the probability
-    is exact to 2**-32, finer than a float32 uniform's 2**-24)."""
+    is exact to 2**-32, finer than a float32 uniform's 2**-24).
+
+    The mask is built as two halves of the counter range, concatenated. Left as one
+    elementwise expression, XLA:CPU fuses the 20-round hash into each of the mask's consumers
+    and recomputes it there: the dropout's forward and its gradient, and the max-pooling
+    gradient, which evaluates it at all four elements of each window. The concatenation is
+    compiled as a fusion of its own, so the hash runs once per element and the mask is stored
+    as bytes (docs/fast_layers.md has the measurement)."""
     key_words = jax.random.key_data(key).astype(jnp.uint32)
-    counter = lax.iota(jnp.uint32, int(np.prod(shape))).reshape(shape)
-    bits, _ = threefry2x32((key_words[0], key_words[1]), counter, jnp.zeros_like(counter))
-    return bits < np.uint32(round(keep_probability * 2**32))
+    threshold = np.uint32(round(keep_probability * 2**32))
+    size = int(np.prod(shape))
+    halves = []
+    for start, stop in ((0, size // 2), (size // 2, size)):
+        counter = lax.iota(jnp.uint32, stop - start) + np.uint32(start)
+        bits, _ = threefry2x32((key_words[0], key_words[1]), counter, jnp.zeros_like(counter))
+        halves.append(bits < threshold)
+    return jnp.concatenate(halves).reshape(shape)
