@@ -75,12 +75,14 @@ class NnxTrainer:
         if self.form == "nnx.jit":
             train_epoch(self.model, self.optimizer, self.key, batches, report, self.label_smoothing)
             return
-        in_flight = None
-        for batch in batches:
+        batches = iter(batches)
+        batch, in_flight = next(batches, None), None
+        while batch is not None:  # the host one batch ahead, as nnx_impl.training.train_epoch
             self.state, metrics = self.step(self.state, batch, self.key, label_smoothing=self.label_smoothing)
+            count, batch = batch[1].shape[-1], next(batches, None)
             if in_flight:
                 report(*in_flight)
-            in_flight = (batch[1].shape[-1], metrics)
+            in_flight = (count, metrics)
         if in_flight:
             report(*in_flight)
         nnx.update((self.model, self.optimizer), self.state)

@@ -114,15 +114,18 @@ def train_step(state: TrainState, batch: tuple[jax.Array, jax.Array], key: jax.A
 
 def train_epoch(step: Callable, state: TrainState, key: jax.Array,
                 batches: Iterable[tuple[jax.Array, jax.Array]], report: Callable[[int, Metrics], None]) -> TrainState:
-    """Every batch through `step` (the compiled `train_step`), one in flight: JAX
-    dispatches step i + 1 before step i has finished, so the host prepares the next batch while
-    the device computes. `report(images, metrics)` reads a step's metrics once the next is queued."""
-    in_flight = None
-    for inputs, targets in batches:
-        state, metrics = step(state, (inputs, targets), key)
+    """Every batch through `step` (the compiled `train_step`), the host one batch ahead: JAX
+    returns from `step` as soon as the step is queued, and the loop prepares the next batch
+    before it waits for anything, so that the host's work overlaps the device's.
+    `report(images, metrics)` reads a step's metrics only after that, one step behind."""
+    batches = iter(batches)
+    batch, in_flight = next(batches, None), None
+    while batch is not None:
+        state, metrics = step(state, batch, key)
+        count, batch = batch[1].shape[-1], next(batches, None)
         if in_flight:
             report(*in_flight)  # waits for the previous step only
-        in_flight = (targets.shape[-1], metrics)
+        in_flight = (count, metrics)
     if in_flight:
         report(*in_flight)
     return state

@@ -65,19 +65,22 @@ def train_step(model: Net, optimizer: nnx.Optimizer, batch: tuple[jax.Array, jax
 def train_epoch(model: Net, optimizer: nnx.Optimizer, key: jax.Array, batches: Iterable[tuple[jax.Array, jax.Array]],
                 report: Callable[[int, Metrics], None], label_smoothing: float = 0.0,
                 averaged: AveragedModel | None = None) -> None:
-    """Every batch through `train_step`, one in flight: JAX dispatches step i + 1 before step i
-    has finished, and `report(images, metrics)` reads a step's metrics once the next is queued.
+    """Every batch through `train_step`, the host one batch ahead as in jax_impl.training.train_epoch:
+    the next batch is prepared while the step just queued computes, and `report(images,
+    metrics)` reads a step's metrics only after that, one step behind.
 
     Only an EMA goes into the step: an SWA average changes once an epoch (`swa_step`), and
     `nnx.jit` would otherwise walk its copy of the model at every step for nothing."""
     model.train()
     every_step = averaged if averaged is not None and averaged.ema_decay is not None else None
-    in_flight = None
-    for inputs, targets in batches:
-        metrics = train_step(model, optimizer, (inputs, targets), key, label_smoothing, every_step)
+    batches = iter(batches)
+    batch, in_flight = next(batches, None), None
+    while batch is not None:
+        metrics = train_step(model, optimizer, batch, key, label_smoothing, every_step)
+        count, batch = batch[1].shape[-1], next(batches, None)
         if in_flight:
             report(*in_flight)
-        in_flight = (targets.shape[-1], metrics)
+        in_flight = (count, metrics)
     if in_flight:
         report(*in_flight)
 

@@ -72,6 +72,32 @@ def test_jitted_step_lowers_the_loss_on_a_fixed_batch():
     assert losses[-1] < 0.25 * losses[0]
 
 
+def test_the_epoch_loop_prepares_the_next_batch_before_it_waits_for_a_step():
+    """train_epoch's order of work: batch i + 1 is drawn from the (host) iterator right after
+    step i is queued and before any metrics are read, so the host's batch preparation overlaps
+    the device's step; step i's metrics are read one step behind. A recording step stands in
+    for the compiled one."""
+    events = []
+
+    def batches():
+        for index in range(3):
+            events.append(f"prepare {index}")
+            yield np.zeros((2, 28, 28, 1), np.float32), np.full(2 + index, index)
+
+    def step(state, batch, key):
+        index = int(batch[1][0])
+        events.append(f"step {index}")
+        return state + 1, {"index": index}
+
+    def report(count, metrics):
+        events.append(f"read {metrics['index']} of {count}")
+
+    final = train_epoch(step, 0, None, batches(), report)
+    assert final == 3
+    assert events == ["prepare 0", "step 0", "prepare 1", "step 1", "prepare 2", "read 0 of 2",
+                      "step 2", "read 1 of 3", "read 2 of 4"]
+
+
 def test_step_rejects_wrong_layouts_and_dtypes_at_trace_time():
     state, _ = new_jax_state(SEED, 10)
     images, labels = small_batch()
