@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.mnist import DATA_DIR_ENV, DEFAULT_DATA_DIR, Mnist
-from common.recipes import AVERAGES, DEFAULT_RECIPE, RECALIBRATIONS, RECIPES
+from common.recipes import AVERAGES, DEFAULT_RECIPE, RECALIBRATIONS, RECIPES, SCHEDULE_WORDS
 from common.sources import DEFAULT_SOURCE, SOURCES, TFDS_DATA_DIR_ENV, load_source
 
 DEVICES = ("auto", "cpu", "gpu")
@@ -42,7 +42,7 @@ class FrameworkHelp:
 def build_parser(framework: str, module: str, notes: FrameworkHelp) -> argparse.ArgumentParser:
     """The trainer's parser; only the program's name and the framework's notes differ."""
     recipes = ", ".join(f"{name} ({recipe.epochs} epochs, batch {recipe.batch_size}, "
-                        f"{'OneCycle to lr' if recipe.schedule.kind == 'onecycle' else 'StepLR from lr'} {recipe.lr}, "
+                        f"{SCHEDULE_WORDS[recipe.schedule.kind]} {recipe.lr}, "
                         f"dropout {recipe.dropout})"
                         for name, recipe in RECIPES.items())
     parser = argparse.ArgumentParser(

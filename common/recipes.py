@@ -37,7 +37,28 @@ class OneCycleSchedule:
     per_step = True
 
 
-SCHEDULES = {"step": StepSchedule, "onecycle": OneCycleSchedule}
+@dataclass(frozen=True)
+class SWASchedule:
+    """A schedule made for stochastic weight averaging (`Recipe.average` "swa"): PyTorch's
+    OneCycleLR (as OneCycleSchedule) over the epochs before the averaging starts, then
+    torch.optim.swa_utils.SWALR from `Recipe.swa_start` on: from the rate OneCycle ended at to
+    `swa_lr`, annealed over `anneal_epochs` ("cos" or "linear"; 0 jumps at once), then held. The
+    averaged weights are then samples taken at one learning rate, not points along an annealing.
+    Both are stepped after every batch, one after the other in a PyTorch SequentialLR."""
+
+    swa_lr: float = 0.02
+    anneal_epochs: int = 0
+    anneal_strategy: str = "cos"
+    pct_start: float = 0.3
+    div_factor: float = 10.0
+    final_div_factor: float = 1.0
+    kind: str = "swa"
+    per_step = True
+
+
+SCHEDULES = {"step": StepSchedule, "onecycle": OneCycleSchedule, "swa": SWASchedule}
+SCHEDULE_WORDS = {"step": "StepLR from lr", "onecycle": "OneCycle to lr", "swa": "OneCycle then SWALR, peak lr"}
+ANNEAL_STRATEGIES = ("cos", "linear")
 RECALIBRATIONS = ("none", "final", "epoch")
 AVERAGES = ("none", "ema", "swa")
 
@@ -65,7 +86,7 @@ class Recipe:
     batch_size: int
     lr: float
     momentum: float
-    schedule: StepSchedule | OneCycleSchedule
+    schedule: StepSchedule | OneCycleSchedule | SWASchedule
     augmentation: Augmentation
     nesterov: bool = False
     weight_decay: float = 0.0
@@ -96,6 +117,25 @@ class Recipe:
             raise UserFacingError(f"ema_decay {self.ema_decay}: choose a decay in [0, 1), such as 0.999")
         if self.swa_start < 1:
             raise UserFacingError(f"swa_start {self.swa_start}: the first averaged epoch is 1 or later")
+        if self.schedule.kind == "swa":
+            self._check_swa_schedule()
+
+    def _check_swa_schedule(self) -> None:
+        """An SWA schedule hands over to SWALR at swa_start: it needs the average it is made for
+        and at least one epoch of OneCycle before it."""
+        schedule = self.schedule
+        if self.average != "swa":
+            raise UserFacingError(f"the swa schedule is made for average 'swa', not {self.average!r}: "
+                                  "set average to swa, or choose a onecycle schedule")
+        if not 2 <= self.swa_start <= self.epochs:
+            raise UserFacingError(f"swa_start {self.swa_start}: the swa schedule runs OneCycle before the averaging "
+                                  f"starts, so the averaging starts at an epoch from 2 to {self.epochs}")
+        if schedule.anneal_strategy not in ANNEAL_STRATEGIES:
+            raise UserFacingError(f"anneal_strategy {schedule.anneal_strategy!r}: choose one of "
+                                  f"{', '.join(ANNEAL_STRATEGIES)}")
+        if schedule.anneal_epochs < 0 or schedule.swa_lr <= 0:
+            raise UserFacingError(f"swa schedule: anneal_epochs {schedule.anneal_epochs} and swa_lr {schedule.swa_lr} "
+                                  "must be >= 0 and > 0")
 
     def recalibrates_after(self, epoch: int, last_epoch: int) -> bool:
         """Whether the BatchNorm statistics are recomputed after `epoch` of a run ending at `last_epoch`."""

@@ -28,6 +28,12 @@ def learning_rate_schedule(recipe: Recipe, steps_per_epoch: int) -> optax.Schedu
     elif schedule.kind == "onecycle":
         per_step = one_cycle(recipe.lr, recipe.epochs * steps_per_epoch, schedule.pct_start, schedule.div_factor,
                              schedule.final_div_factor)
+    elif schedule.kind == "swa":
+        before_averaging = (recipe.swa_start - 1) * steps_per_epoch
+        per_step = swa(one_cycle(recipe.lr, before_averaging, schedule.pct_start, schedule.div_factor,
+                                 schedule.final_div_factor),
+                       before_averaging, schedule.swa_lr, schedule.anneal_epochs * steps_per_epoch,
+                       schedule.anneal_strategy)
     else:
         raise ValueError(f"unknown schedule kind {schedule.kind!r}")
     # optax counts steps in int32, and int32 / int is float32 in JAX: evaluated on a float count
@@ -51,6 +57,24 @@ def one_cycle(max_lr: float, total_steps: int, pct_start: float, div_factor: flo
     def schedule(step):
         return jnp.where(step <= warm_up_end, cosine(initial_lr, max_lr, step / warm_up_end),
                          cosine(max_lr, min_lr, (step - warm_up_end) / (last - warm_up_end)))
+
+    return schedule
+
+
+def swa(before: optax.Schedule, handover: int, swa_lr: float, anneal_steps: int, strategy: str) -> optax.Schedule:
+    """`before` until step `handover`, then torch.optim.swa_utils.SWALR as a function of the
+    step: from the rate `before` ended at (step handover - 1) to swa_lr over anneal_steps steps,
+    by a cosine or a straight line, then swa_lr. PyTorch's SWALR carries the starting rate from
+    step to step instead (it recovers it from the previous step's rate), the same value.
+    With no annealing steps, swa_lr from the handover on."""
+    start_lr = before(handover - 1)
+
+    def anneal(fraction):
+        return (1 - jnp.cos(jnp.pi * fraction)) / 2 if strategy == "cos" else fraction
+
+    def schedule(step):
+        alpha = anneal(jnp.clip((step - handover) / anneal_steps, 0, 1)) if anneal_steps else 1.0
+        return jnp.where(step < handover, before(step), swa_lr * alpha + start_lr * (1 - alpha))
 
     return schedule
 

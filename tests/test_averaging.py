@@ -11,7 +11,7 @@ from bridge.convert import flax_to_torch
 from common.cli import DRY_RUN_TEST_IMAGES
 from common.errors import UserFacingError
 from common.metrics import evaluate_log_probs, read_metrics
-from common.recipes import BEST
+from common.recipes import BEST, SWASchedule, recipe_from_dict
 from common.transforms import normalize
 from tests.frameworks import JAX, NNX, TORCH
 from torch_ref.averaging import averaged_state_dict
@@ -26,6 +26,19 @@ def test_recipe_fields_are_checked():
                             ({"swa_start": 0}, "swa_start 0")):
         with pytest.raises(UserFacingError, match=message):
             BEST.with_overrides(**fields)
+
+
+def test_the_swa_schedule_needs_the_average_it_is_made_for():
+    """SWASchedule hands over to SWALR at swa_start: a recipe that could not do so is refused
+    with what to change, and a valid one survives the round trip checkpoints make."""
+    swa = BEST.with_overrides(schedule=SWASchedule(swa_lr=0.03, anneal_epochs=1), average="swa", swa_start=11)
+    assert recipe_from_dict(swa.to_dict()) == swa
+    for fields, message in (({"average": "ema"}, "made for average 'swa'"), ({"swa_start": 1}, "from 2 to 15"),
+                            ({"swa_start": 16}, "from 2 to 15"), ({"epochs": 10}, "from 2 to 10"),
+                            ({"schedule": SWASchedule(anneal_strategy="step")}, "anneal_strategy 'step'"),
+                            ({"schedule": SWASchedule(swa_lr=0.0)}, "swa_lr 0.0")):
+        with pytest.raises(UserFacingError, match=message):
+            swa.with_overrides(**fields)
 
 
 def as_arrays(framework, weights) -> dict[str, np.ndarray]:

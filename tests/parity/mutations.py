@@ -106,6 +106,24 @@ def steplr_per_step() -> None:
     optim.learning_rate_schedule = per_step
 
 
+def swalr_anneal_in_steps() -> None:
+    """SWALR's annealing over `anneal_epochs` optimiser steps instead of epochs: the porter reads
+    PyTorch's SWALR(anneal_epochs=k), stepped once an epoch in PyTorch's examples, as k steps."""
+    from jax_impl import optim
+
+    learning_rate_schedule = optim.learning_rate_schedule
+
+    def annealing_in_steps(recipe, steps_per_epoch):
+        if recipe.schedule.kind != "swa":
+            return learning_rate_schedule(recipe, steps_per_epoch)
+        schedule, handover = recipe.schedule, (recipe.swa_start - 1) * steps_per_epoch
+        before = optim.one_cycle(recipe.lr, handover, schedule.pct_start, schedule.div_factor,
+                                 schedule.final_div_factor)
+        return optim.swa(before, handover, schedule.swa_lr, schedule.anneal_epochs, schedule.anneal_strategy)
+
+    optim.learning_rate_schedule = annealing_in_steps
+
+
 def decoupled_weight_decay() -> None:
     """Weight decay added after the momentum buffer (decoupled, AdamW-style) instead of to the
     gradient before it, as torch.optim.SGD does."""
@@ -198,7 +216,7 @@ def _statistics_per_process(module, x, scale, bias):
 
 MUTATIONS = {function.__name__: function for function in (
     flax_batchnorm_momentum, biased_running_variance, same_padding, batchnorm_before_relu,
-    channel_wise_dropout, kernel_transposed_wrong, steplr_per_step, decoupled_weight_decay,
+    channel_wise_dropout, kernel_transposed_wrong, steplr_per_step, swalr_anneal_in_steps, decoupled_weight_decay,
     log_softmax_over_batch, loss_summed_over_batch, dropout_key_reused, recalibration_with_training_momentum,
     ema_decay_as_one_minus_decay, batchnorm_statistics_per_process)}
 
@@ -322,6 +340,7 @@ NNX_MUTATIONS = {
     "channel_wise_dropout": _nnx_channel_wise_dropout,
     "kernel_transposed_wrong": kernel_transposed_wrong,
     "steplr_per_step": steplr_per_step,
+    "swalr_anneal_in_steps": swalr_anneal_in_steps,
     "decoupled_weight_decay": decoupled_weight_decay,
     "log_softmax_over_batch": _nnx_log_softmax_over_batch,
     "loss_summed_over_batch": _nnx_loss_summed_over_batch,
