@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from common.metrics import read_metrics  # noqa: E402
-from common.recipes import SEED, Augmentation, OneCycleSchedule  # noqa: E402
+from common.recipes import SEED, Augmentation, OneCycleSchedule, SWASchedule  # noqa: E402
 
 ONE_CYCLE = OneCycleSchedule(pct_start=0.3, div_factor=10.0, final_div_factor=100.0)
 # Annealing to 0.02 (peak / 10) instead of 0.0002: SWA's setting, averaging weights that still move.
@@ -81,6 +81,17 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
     "tail0.02-swa11-recal": ("tail0.02-swa8-recal averaging epochs 11-15 only",
                              {**BEST, "schedule": ONE_CYCLE_HIGH_TAIL, "average": "swa", "swa_start": 11,
                               "recalibrate_bn": "final"}),
+    # Issue 33: schedules made for SWA (SWASchedule): OneCycle (peak 0.2, down to 0.02) over the
+    # epochs before the averaging, then SWALR's learning rate over the averaged epochs.
+    "swalr0.02-swa11": ("tail0.02-swa11-recal with OneCycle over epochs 1-10, then lr 0.02 held over 11-15",
+                        {**BEST, "schedule": SWASchedule(swa_lr=0.02), "average": "swa", "swa_start": 11,
+                         "recalibrate_bn": "final"}),
+    "swalr0.05-swa11": ("swalr0.02-swa11 with SWALR up to lr 0.05 over epoch 11 (cosine), then held",
+                        {**BEST, "schedule": SWASchedule(swa_lr=0.05, anneal_epochs=1), "average": "swa",
+                         "swa_start": 11, "recalibrate_bn": "final"}),
+    "swalr0.02-swa8": ("swalr0.02-swa11 averaging epochs 8-15 (OneCycle over epochs 1-7)",
+                       {**BEST, "schedule": SWASchedule(swa_lr=0.02), "average": "swa", "swa_start": 8,
+                        "recalibrate_bn": "final"}),
 }
 
 
