@@ -34,6 +34,7 @@ class EpochPlan:
     crop: np.ndarray  # (N,) bool, crop-and-resize draw of each position
     angles: np.ndarray  # (N,) float64 degrees, rotation draw of each position
     shifts: np.ndarray  # (N, 2) int64 pixels (across, down), translation draw of each position
+    scales: np.ndarray  # (N,) float64, zoom draw of each position
     batch_size: int
     crop_size: int
 
@@ -44,8 +45,7 @@ class EpochPlan:
 
     def head(self, count: int) -> EpochPlan:
         """The first `count` positions only (for --dry-run)."""
-        return EpochPlan(self.order[:count], self.crop[:count], self.angles[:count], self.shifts[:count],
-                         self.batch_size, self.crop_size)
+        return self._at(slice(count), self.batch_size)
 
     def shard(self, index: int, count: int) -> EpochPlan:
         """Part `index` of `count` of every batch: each batch is cut into `count` equal consecutive
@@ -55,12 +55,15 @@ class EpochPlan:
         positions = np.concatenate([np.arange(part.start + index * size, part.start + (index + 1) * size)
                                     for part in self.batch_slices()
                                     for size in [(part.stop - part.start) // count]])
+        return self._at(positions, self.batch_size // count)
+
+    def _at(self, positions: slice | np.ndarray, batch_size: int) -> EpochPlan:
         return EpochPlan(self.order[positions], self.crop[positions], self.angles[positions], self.shifts[positions],
-                         self.batch_size // count, self.crop_size)
+                         self.scales[positions], batch_size, self.crop_size)
 
     def source_index(self, positions: slice = slice(None)) -> np.ndarray:
-        """Sampling coordinates of the rotation and shift at `positions` (see rotation_source_index)."""
-        return rotation_source_index(self.angles[positions], self.shifts[positions])
+        """Sampling coordinates of the rotation, zoom and shift at `positions` (see rotation_source_index)."""
+        return rotation_source_index(self.angles[positions], self.shifts[positions], self.scales[positions])
 
     def augmented_pixels(self, images: np.ndarray, positions: slice) -> np.ndarray:
         """The augmented uint8 images at `positions` of this epoch's order."""
@@ -79,8 +82,7 @@ def plan_epoch(
     """The shuffle and augmentation draws of `epoch` (1-based) for `seed`."""
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(num_examples)
-    crop, angles, shifts = draw_augmentation(rng, num_examples, augmentation)
-    return EpochPlan(order, crop, angles, shifts, batch_size, augmentation.crop_size)
+    return EpochPlan(order, *draw_augmentation(rng, num_examples, augmentation), batch_size, augmentation.crop_size)
 
 
 def check_even_shards(batch_size: int, epoch_images: int | None, devices: int) -> None:

@@ -69,12 +69,20 @@ class Augmentation:
     bilinear resize back to 28x28, then a rotation drawn uniformly from +-`max_rotation` degrees
     (nearest neighbour, fill 0). Beyond the seed: a shift by a whole number of pixels drawn
     uniformly from [-max_translation, max_translation], independently across and down, applied
-    after the rotation as torchvision's RandomAffine orders them."""
+    after the rotation as torchvision's RandomAffine orders them; and a zoom about the centre by
+    a factor drawn uniformly from [1 - max_scale, 1 + max_scale], applied with the rotation
+    (RandomAffine's `scale=(1 - max_scale, 1 + max_scale)`)."""
 
     crop_prob: float = 0.1
     crop_size: int = 22
     max_rotation: float = 15.0
     max_translation: int = 0
+    max_scale: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_scale < 1.0:
+            raise UserFacingError(f"max_scale {self.max_scale}: choose a fraction in [0, 1), such as 0.1 "
+                                  "(zooms drawn from 0.9 to 1.1)")
 
 
 @dataclass(frozen=True)

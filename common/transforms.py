@@ -5,9 +5,10 @@ uniformly from [-15, 15] degrees, nearest neighbour, fill 0; then ToTensor + Nor
 Test: ToTensor + Normalize.
 
 Augmentation is a pure function of (images, draws), built so that it is exact on any device:
-1. `draw_augmentation` draws a crop flag, an angle and a shift per image (the only randomness);
-2. `rotation_source_index` turns each angle and shift into the sampling coordinates of the
-   rotation: for every output pixel, the flat index of the pixel it copies (`FILL_INDEX` for
+1. `draw_augmentation` draws a crop flag, an angle, a shift and a zoom per image (the only
+   randomness);
+2. `rotation_source_index` turns each angle, zoom and shift into the sampling coordinates of the
+   warp: for every output pixel, the flat index of the pixel it copies (`FILL_INDEX` for
    the fill). This is the only floating-point step, and it always runs here, in float64;
 3. `resize_crop` (fixed-point bilinear weights, int32 sums, rounded back to uint8 as PIL does
    for uint8 images) and `rotate` (a gather) use integers only, so a device-side copy of them
@@ -18,6 +19,7 @@ Augmentation is a pure function of (images, draws), built so that it is exact on
 from __future__ import annotations
 
 from functools import cache
+from typing import NamedTuple
 
 import numpy as np
 
@@ -37,29 +39,40 @@ def normalize(images: np.ndarray) -> np.ndarray:
     return NORMALIZE_TABLE[images]
 
 
-def draw_augmentation(
-    rng: np.random.Generator, count: int, augmentation: Augmentation
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per image: whether to crop-and-resize (bool), the rotation angle in degrees (float64) and
-    the shift (across, down) in pixels (int64, shape (count, 2)).
+class Draws(NamedTuple):
+    """An epoch's augmentation draws, one per image."""
 
-    Shifts are drawn last, and only when the recipe translates, so recipes without translation
+    crop: np.ndarray  # (N,) bool: crop and resize
+    angles: np.ndarray  # (N,) float64 degrees
+    shifts: np.ndarray  # (N, 2) int64 pixels, across and down
+    scales: np.ndarray  # (N,) float64 zoom factors
+
+
+def draw_augmentation(rng: np.random.Generator, count: int, augmentation: Augmentation) -> Draws:
+    """Per image: whether to crop-and-resize, the rotation angle, the shift and the zoom.
+
+    Shifts and zooms are drawn last, each only when the recipe uses it, so recipes without them
     consume the generator exactly as the seed's transforms always have."""
     crop = rng.random(count) < augmentation.crop_prob
     angles = rng.uniform(-augmentation.max_rotation, augmentation.max_rotation, count)
     limit = augmentation.max_translation
     shifts = rng.integers(-limit, limit, (count, 2), endpoint=True) if limit else np.zeros((count, 2), np.int64)
-    return crop, angles, shifts
+    zoom = augmentation.max_scale
+    scales = rng.uniform(1 - zoom, 1 + zoom, count) if zoom else np.ones(count)
+    return Draws(crop, angles, shifts, scales)
 
 
-def rotation_source_index(angles: np.ndarray, shifts: np.ndarray | None = None) -> np.ndarray:
+def rotation_source_index(angles: np.ndarray, shifts: np.ndarray | None = None,
+                          scales: np.ndarray | None = None) -> np.ndarray:
     """Sampling coordinates (N, 784) int32 of a nearest-neighbour rotation by `angles` degrees
-    (counter-clockwise) followed by a shift of `shifts` (N, 2) pixels (across, down; none if
-    omitted): the flat source index of each output pixel, or FILL_INDEX outside.
+    (counter-clockwise) and zoom by `scales` about the image centre, followed by a shift of
+    `shifts` (N, 2) pixels (across, down); no shift or zoom if omitted: the flat source index of
+    each output pixel, or FILL_INDEX outside.
 
-    Follows PIL's `Image.rotate(angle, NEAREST)`, which torchvision's RandomRotation calls: the
-    output pixel centre (x + 0.5, y + 0.5), moved back by the shift, is rotated back about the
-    image centre (14, 14) and the source pixel is its floor.
+    Follows PIL's `Image.rotate(angle, NEAREST)`, which torchvision's RandomRotation calls, and
+    the affine transform torchvision's RandomAffine hands PIL: the output pixel centre
+    (x + 0.5, y + 0.5), moved back by the shift, is rotated back and divided by the zoom about
+    the image centre (14, 14), and the source pixel is its floor.
     """
     theta = np.deg2rad(np.asarray(angles, dtype=np.float64))[:, None]
     centre = IMAGE_SIZE / 2
@@ -69,7 +82,8 @@ def rotation_source_index(angles: np.ndarray, shifts: np.ndarray | None = None) 
     if shifts is not None:
         dx = dx - shifts[:, :1]
         dy = dy - shifts[:, 1:]
-    cos, sin = np.cos(theta), np.sin(theta)
+    zoom = 1.0 if scales is None else np.asarray(scales, dtype=np.float64)[:, None]
+    cos, sin = np.cos(theta) / zoom, np.sin(theta) / zoom
     src_x = np.floor(cos * dx - sin * dy + centre)
     src_y = np.floor(sin * dx + cos * dy + centre)
     inside = (src_x >= 0) & (src_x < IMAGE_SIZE) & (src_y >= 0) & (src_y < IMAGE_SIZE)

@@ -190,7 +190,8 @@ def test_device_augmentation_is_bit_identical_to_the_core(synthetic_mnist):
     from common.transforms import normalize
     from torch_ref import augment
 
-    plan = plan_epoch(0, 1, len(synthetic_mnist.train_labels), 512, SEED.augmentation)
+    every_draw = dataclasses.replace(SEED.augmentation, max_translation=2, max_scale=0.2)  # shifts, zooms too
+    plan = plan_epoch(0, 1, len(synthetic_mnist.train_labels), 512, every_draw)
     positions = slice(0, 512)
     images = synthetic_mnist.train_images[plan.order[positions]]
     crop = plan.crop[positions] | (np.arange(512) % 2 == 0)  # both paths exercised

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from common.batching import plan_epoch
+from common.errors import UserFacingError
 from common.recipes import SEED, Augmentation
 from common.spec import NORMALIZE_MEAN, NORMALIZE_STD
 from common.transforms import (
@@ -104,8 +105,8 @@ def test_augmented_values_stay_in_range(synthetic_mnist):
 
 
 def test_crop_probability_and_angle_range():
-    crop, angles, shifts = draw_augmentation(np.random.default_rng(0), 200_000, Augmentation())
-    assert not shifts.any()  # the seed's transforms do not translate
+    crop, angles, shifts, scales = draw_augmentation(np.random.default_rng(0), 200_000, Augmentation())
+    assert not shifts.any() and (scales == 1).all()  # the seed's transforms neither translate nor zoom
     # Binomial standard deviation sqrt(0.1 * 0.9 / 200000) = 0.00067; allow 5 of them.
     assert crop.mean() == pytest.approx(0.1, abs=5 * 0.00067)
     assert angles.min() >= -15 and angles.max() <= 15
@@ -116,7 +117,7 @@ def test_crop_probability_and_angle_range():
 
 def test_translation_draws_come_last_and_cover_the_range():
     seed_draws = draw_augmentation(np.random.default_rng(0), 10_000, Augmentation())
-    crop, angles, shifts = draw_augmentation(np.random.default_rng(0), 10_000, Augmentation(max_translation=2))
+    crop, angles, shifts, _ = draw_augmentation(np.random.default_rng(0), 10_000, Augmentation(max_translation=2))
     # Drawn after the crops and angles, so adding a translation leaves those draws unchanged.
     np.testing.assert_array_equal(crop, seed_draws[0])
     np.testing.assert_array_equal(angles, seed_draws[1])
@@ -141,6 +142,59 @@ def test_shift_follows_rotation_as_in_random_affine():
     out = rotate(RANDOM_IMAGES[:1], rotation_source_index(np.array([90.0]), shifts))
     expected = rotate(np.rot90(RANDOM_IMAGES[:1], k=1, axes=(1, 2)).copy(), rotation_source_index(np.zeros(1), shifts))
     np.testing.assert_array_equal(out, expected)
+
+
+def test_zoom_draws_come_last_and_cover_the_range():
+    shifted = draw_augmentation(np.random.default_rng(0), 10_000, Augmentation(max_translation=1))
+    zoomed = draw_augmentation(np.random.default_rng(0), 10_000, Augmentation(max_translation=1, max_scale=0.1))
+    for before, after in zip(shifted[:3], zoomed[:3], strict=True):  # crops, angles, shifts unchanged
+        np.testing.assert_array_equal(before, after)
+    assert 0.9 <= zoomed.scales.min() < 0.901 and 1.099 < zoomed.scales.max() <= 1.1
+    # Uniform on [0.9, 1.1]: mean 1 (sd 0.2 / sqrt(12) / sqrt(n) = 0.00058), a quarter below 0.95.
+    assert zoomed.scales.mean() == pytest.approx(1.0, abs=5 * 0.00058)
+    assert (zoomed.scales < 0.95).mean() == pytest.approx(0.25, abs=0.02)
+    with pytest.raises(UserFacingError, match="max_scale 1.0"):
+        Augmentation(max_scale=1.0)
+
+
+def test_zoom_by_two_doubles_each_offset_from_the_centre():
+    # Output pixel (y, x) copies the source pixel at half its offset from the centre (14, 14).
+    out = rotate(RANDOM_IMAGES[:1], rotation_source_index(np.zeros(1), scales=np.array([2.0])))
+    rows, cols = np.meshgrid(np.arange(28), np.arange(28), indexing="ij")
+    halfway = np.floor((rows + 0.5 - 14) / 2 + 14).astype(int), np.floor((cols + 0.5 - 14) / 2 + 14).astype(int)
+    np.testing.assert_array_equal(out[0], RANDOM_IMAGES[0][halfway])
+
+
+def pil_affine(image: np.ndarray, angle: float, scale: float, shift: tuple[int, int]) -> np.ndarray:
+    """RandomAffine's warp as PIL computes it: Image.transform with the inverse affine map of a
+    rotation by `angle` degrees and a zoom by `scale` about the centre, then a shift, sampled at
+    pixel centres, nearest neighbour, fill 0."""
+    theta, centre = np.deg2rad(angle), 14.0
+    cos, sin = np.cos(theta) / scale, np.sin(theta) / scale
+    across, down = centre + shift[0], centre + shift[1]
+    inverse = (cos, -sin, centre - cos * across + sin * down, sin, cos, centre - sin * across - cos * down)
+    return np.asarray(Image.fromarray(image).transform((28, 28), Image.AFFINE, inverse, resample=Image.NEAREST,
+                                                       fillcolor=0))
+
+
+def test_rotation_zoom_and_shift_agree_with_pil_up_to_its_fixed_point_coordinates(synthetic_mnist):
+    # As for the rotation alone (above): PIL's fixed-point source coordinates may floor
+    # differently from ours only within its resolution of an integer; such pixels are rare.
+    images = synthetic_mnist.train_images
+    draws = draw_augmentation(np.random.default_rng(2), len(images),
+                              Augmentation(max_rotation=15, max_translation=2, max_scale=0.2))
+    ours = rotate(images, rotation_source_index(draws.angles, draws.shifts, draws.scales))
+    pil = np.stack([pil_affine(image, angle, scale, tuple(shift)) for image, angle, scale, shift
+                    in zip(images, draws.angles, draws.scales, draws.shifts, strict=True)])
+    differing = ours != pil
+    assert differing.mean() <= 1e-4
+    which, rows, cols = np.nonzero(differing)
+    theta, zoom = np.deg2rad(draws.angles[which]), draws.scales[which]
+    dx, dy = cols + 0.5 - 14 - draws.shifts[which, 0], rows + 0.5 - 14 - draws.shifts[which, 1]
+    source_x = (np.cos(theta) * dx - np.sin(theta) * dy) / zoom + 14
+    source_y = (np.sin(theta) * dx + np.cos(theta) * dy) / zoom + 14
+    distance = np.minimum(np.abs(source_x - np.round(source_x)), np.abs(source_y - np.round(source_y)))
+    assert (distance < 1e-3).all()
 
 
 def test_normalize_matches_to_tensor_then_normalize():
