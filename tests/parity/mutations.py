@@ -28,6 +28,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import linen
 
@@ -124,6 +125,19 @@ def swalr_anneal_in_steps() -> None:
     optim.learning_rate_schedule = annealing_in_steps
 
 
+def zoom_dropped_by_jax_pipeline() -> None:
+    """The JAX input pipeline warping with the rotation and shift draws only, the zoom left out,
+    as a port that kept an older copy of the transforms would."""
+    from jax_impl import data
+
+    host_batches = data.host_batches
+
+    def without_zoom(plan, *args, **kwargs):
+        return host_batches(dataclasses.replace(plan, scales=np.ones_like(plan.scales)), *args, **kwargs)
+
+    data.host_batches = without_zoom
+
+
 def decoupled_weight_decay() -> None:
     """Weight decay added after the momentum buffer (decoupled, AdamW-style) instead of to the
     gradient before it, as torch.optim.SGD does."""
@@ -216,9 +230,10 @@ def _statistics_per_process(module, x, scale, bias):
 
 MUTATIONS = {function.__name__: function for function in (
     flax_batchnorm_momentum, biased_running_variance, same_padding, batchnorm_before_relu,
-    channel_wise_dropout, kernel_transposed_wrong, steplr_per_step, swalr_anneal_in_steps, decoupled_weight_decay,
+    channel_wise_dropout, kernel_transposed_wrong, steplr_per_step, decoupled_weight_decay,
     log_softmax_over_batch, loss_summed_over_batch, dropout_key_reused, recalibration_with_training_momentum,
-    ema_decay_as_one_minus_decay, batchnorm_statistics_per_process)}
+    ema_decay_as_one_minus_decay, batchnorm_statistics_per_process, swalr_anneal_in_steps,
+    zoom_dropped_by_jax_pipeline)}
 
 def _nnx_batchnorm_default_momentum() -> None:
     """NNX: flax_batchnorm_momentum's mistake in nnx_impl.model.BatchNorm2d."""

@@ -3,6 +3,7 @@ framework makes the same test predictions with the same loss."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -33,11 +34,16 @@ def source_mnist(request, synthetic_dir) -> Mnist:
     return load_source(request.param, synthetic_dir, download=False)
 
 
-def test_same_seed_feeds_identical_batches_to_both_trainers(source_mnist):
+EVERY_DRAW = dataclasses.replace(SEED.augmentation, max_translation=2, max_scale=0.2)
+
+
+@pytest.mark.parametrize("augmentation", [SEED.augmentation, EVERY_DRAW], ids=["seed", "shift-and-zoom"])
+def test_same_seed_feeds_identical_batches_to_both_trainers(source_mnist, augmentation):
     """What each trainer's step receives: the batches of torch_ref.data and jax_impl.data (the NNX
-    trainer's too: it feeds its model through jax_impl.data)."""
+    trainer's too: it feeds its model through jax_impl.data), with the seed's augmentation and
+    with every kind of draw the core makes."""
     assert nnx_train.data is jax_data
-    plan = plan_epoch(0, 1, len(source_mnist.train_labels), 64, SEED.augmentation).head(64 * 2 + 10)
+    plan = plan_epoch(0, 1, len(source_mnist.train_labels), 64, augmentation).head(64 * 2 + 10)
     images, labels = source_mnist.train_images, source_mnist.train_labels
     torch_inputs = [inputs.numpy() for inputs, _ in torch_data.host_batches(plan, images, labels, torch.device("cpu"))]
     one_device = split_along(data_mesh(jax.devices("cpu")[:1]), 0)
