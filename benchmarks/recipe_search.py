@@ -92,6 +92,17 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
     "swalr0.02-swa8": ("swalr0.02-swa11 averaging epochs 8-15 (OneCycle over epochs 1-7)",
                        {**BEST, "schedule": SWASchedule(swa_lr=0.02), "average": "swa", "swa_start": 8,
                         "recalibrate_bn": "final"}),
+    # Issue 33: the zoom (Augmentation.max_scale) on best-swa (tail0.02-swa11-recal).
+    "best-swa-zoom0.05": ("tail0.02-swa11-recal with zooms drawn from 0.95-1.05",
+                          {**BEST, "augmentation": Augmentation(crop_prob=0.1, crop_size=22, max_rotation=7.0,
+                                                                max_scale=0.05),
+                           "schedule": ONE_CYCLE_HIGH_TAIL, "average": "swa", "swa_start": 11,
+                           "recalibrate_bn": "final"}),
+    "best-swa-zoom0.1": ("tail0.02-swa11-recal with zooms drawn from 0.9-1.1",
+                         {**BEST, "augmentation": Augmentation(crop_prob=0.1, crop_size=22, max_rotation=7.0,
+                                                               max_scale=0.1),
+                          "schedule": ONE_CYCLE_HIGH_TAIL, "average": "swa", "swa_start": 11,
+                          "recalibrate_bn": "final"}),
 }
 
 
