@@ -92,6 +92,8 @@ FRAMEWORK_ONLY = {
     ("jax_impl", "optim", "learning_rate_schedule"): "optax takes the schedule as a function of the step",
     ("jax_impl", "optim", "one_cycle"): "OneCycleLR's formula; optax's places the phase boundary elsewhere",
     ("torch_ref", "optim", "make_scheduler"): "PyTorch's scheduler is an object stepped beside the optimiser",
+    ("torch_ref", "optim", "one_cycle_scheduler"): "OneCycleLR, built for the schedules that start with it",
+    ("jax_impl", "optim", "swa"): "SWALR's formula as a function of the step, where PyTorch's is a scheduler object",
     ("jax_impl", "recalibration", "statistics_model"): "update_bn's pass as a model with momentum 1",
     ("jax_impl", "recalibration", "batch_statistics"): "one batch's statistics, a pure function",
     ("jax_impl", "recalibration", "recalibrated_batch_stats"): "update_bn's cumulative average",

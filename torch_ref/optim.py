@@ -24,7 +24,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe,
     if schedule.kind == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=schedule.step_size, gamma=schedule.gamma)
     if schedule.kind == "onecycle":
-        return one_cycle(optimizer, recipe, recipe.epochs * steps_per_epoch)
+        return one_cycle_scheduler(optimizer, recipe, recipe.epochs * steps_per_epoch)
     if schedule.kind == "swa":
         # OneCycle until the averaging starts, then SWALR; both stepped after every batch, so
         # SWALR's "epochs" are steps here.
@@ -33,12 +33,12 @@ def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe,
                                           anneal_epochs=schedule.anneal_epochs * steps_per_epoch,
                                           anneal_strategy=schedule.anneal_strategy)
         return torch.optim.lr_scheduler.SequentialLR(
-            optimizer, [one_cycle(optimizer, recipe, before_averaging), swa], milestones=[before_averaging])
+            optimizer, [one_cycle_scheduler(optimizer, recipe, before_averaging), swa], milestones=[before_averaging])
     raise ValueError(f"unknown schedule kind {schedule.kind!r}")
 
 
-def one_cycle(optimizer: torch.optim.Optimizer, recipe: Recipe,
-              total_steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+def one_cycle_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe,
+                        total_steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
     """OneCycleLR to the recipe's peak lr over `total_steps` batches, cosine, momentum held."""
     schedule = recipe.schedule
     return torch.optim.lr_scheduler.OneCycleLR(
