@@ -52,8 +52,11 @@ def restored(template: Any, saved: dict, what: str) -> Any:
         tree = serialization.from_state_dict(template, saved)
     except (KeyError, ValueError, TypeError) as error:
         raise CheckpointError(f"{what} does not fit this model and recipe: {error}") from error
-    for (path, want), (_, got) in zip(jax.tree_util.tree_leaves_with_path(template),
-                                      jax.tree_util.tree_leaves_with_path(tree), strict=True):
+    wanted, found = jax.tree_util.tree_leaves_with_path(template), jax.tree_util.tree_leaves_with_path(tree)
+    if len(wanted) != len(found):  # e.g. weights averaged in the file, none in this recipe (from_state_dict keeps them)
+        raise CheckpointError(f"{what} does not fit this model and recipe: it holds {len(found)} arrays, "
+                              f"the recipe's state {len(wanted)} (a run with weight averaging against one without?)")
+    for (path, want), (_, got) in zip(wanted, found, strict=True):
         if np.shape(want) != np.shape(got):
             raise CheckpointError(f"{what} does not fit the model: {jax.tree_util.keystr(path)} has shape "
                                   f"{np.shape(got)}, the model needs {np.shape(want)}")
