@@ -211,7 +211,7 @@ BEST_SWA_ZOOM = BEST_SWA.with_overrides(
 )
 
 RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (BEST, BEST_SWA, BEST_SWA_ZOOM, SEED)}
-DEFAULT_RECIPE = "best"
+DEFAULT_RECIPE = "best-swa-zoom"
 
 
 def get_recipe(name: str) -> Recipe:

@@ -126,8 +126,9 @@ def refuse_unused_averaging_flags(args: argparse.Namespace, recipe: Recipe) -> N
                 f"{recipe.average!r} (recipe {recipe.name}): add --average {kind}, or drop the flag.")
     if recipe.average == "swa" and recipe.swa_start > recipe.epochs:
         raise UserFacingError(
-            f"--average swa from epoch {recipe.swa_start} (--swa-start), and the run ends after epoch "
-            f"{recipe.epochs}: nothing would be averaged. Give --swa-start {recipe.epochs} or less, or more --epochs.")
+            f"recipe {recipe.name} averages the weights (SWA) from epoch {recipe.swa_start} (--swa-start), and "
+            f"the run ends after epoch {recipe.epochs}: nothing would be averaged. Give --swa-start "
+            f"{recipe.epochs} or less, more --epochs, or a recipe that does not average (--recipe best).")
 
 
 def refuse_to_overwrite(out: Path) -> None:

@@ -24,7 +24,7 @@ import torch
 
 from common.batching import plan_epoch
 from common.cli import DRY_RUN_EPOCHS, DRY_RUN_TRAIN_BATCHES
-from common.recipes import DEFAULT_RECIPE, get_recipe
+from common.recipes import get_recipe
 from tests.frameworks import new_torch_state
 from torch_ref.checkpoints import read_checkpoint
 from torch_ref.data import host_batches
@@ -35,11 +35,14 @@ pytestmark = pytest.mark.slow  # DDP ranks started as processes (launcher and to
 
 REPO = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
+# The runs here compare steps, so they train `best`: the default also recalibrates BatchNorm over
+# the training images after the last epoch, which would overwrite the statistics the ranks kept.
+RECIPE = "best"
 
 
 def emulate_two_cpu_ranks(data) -> dict[str, torch.Tensor]:
     """A dry run's steps as two gloo ranks take them, in one process."""
-    recipe = get_recipe(DEFAULT_RECIPE)
+    recipe = get_recipe(RECIPE)
     state = new_torch_state(recipe, DRY_RUN_TRAIN_BATCHES)
     state.model.train()
     parameters = list(state.model.parameters())
@@ -82,8 +85,8 @@ def launched(command: list[str], out: Path, timeout: int = 600) -> subprocess.Co
 def two_ranks(synthetic_dir, tmp_path_factory) -> Path:
     """`python -m torch_ref.train --devices 2 --dry-run`: the launcher starts both ranks."""
     out = tmp_path_factory.mktemp("ddp") / "run"
-    result = launched([sys.executable, "-m", "torch_ref.train", "--devices", "2", "--data-dir", str(synthetic_dir)],
-                      out)
+    result = launched([sys.executable, "-m", "torch_ref.train", "--recipe", RECIPE, "--devices", "2",
+                       "--data-dir", str(synthetic_dir)], out)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("final test accuracy") == 1  # rank 0 alone reports
     assert "processes 2" in result.stdout
@@ -107,7 +110,7 @@ def test_two_gloo_ranks_equal_their_single_process_emulation(two_ranks, syntheti
 
 def test_two_cpu_ranks_differ_from_one_process_by_their_batchnorm_statistics(two_ranks, synthetic_dir, tmp_path):
     """Documented in torch_ref.distributed: per-rank BatchNorm statistics on CPU, not one device's."""
-    assert main(["--dry-run", "--device", "cpu", "--data-dir", str(synthetic_dir),
+    assert main(["--recipe", RECIPE, "--dry-run", "--device", "cpu", "--data-dir", str(synthetic_dir),
                  "--out", str(tmp_path / "one")]) == 0
     one = read_checkpoint(tmp_path / "one" / "checkpoint.pt")[1]["model"]
     ranks = read_checkpoint(two_ranks / "checkpoint.pt")[1]["model"]
@@ -120,7 +123,8 @@ def test_torchrun_runs_the_same_ranks_and_writes_the_artefacts_once(two_ranks, s
     """torchrun is the script of `python -m torch.distributed.run`; the module is used here so
     that the test does not depend on where the script was installed."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    result = launched([*torchrun, "-m", "torch_ref.train", "--data-dir", str(synthetic_dir)], tmp_path / "run")
+    result = launched([*torchrun, "-m", "torch_ref.train", "--recipe", RECIPE, "--data-dir", str(synthetic_dir)],
+                      tmp_path / "run")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("final test accuracy") == 1
     ours, theirs = (read_checkpoint(run / "checkpoint.pt")[1]["model"] for run in (tmp_path / "run", two_ranks))
@@ -142,7 +146,7 @@ def test_an_error_in_one_process_stops_them_all_at_once(two_ranks, synthetic_dir
     """Rank 0 refuses to overwrite a finished run; rank 1, already waiting for rank 0's data,
     must not be left at the barrier (whose own timeout is 30 minutes): the launcher stops it and
     reports the status. A hang ends in TimeoutExpired."""
-    result = launched([sys.executable, "-m", "torch_ref.train", "--devices", "2", "--data-dir", str(synthetic_dir)],
-                      two_ranks, timeout=300)
+    result = launched([sys.executable, "-m", "torch_ref.train", "--recipe", RECIPE, "--devices", "2",
+                       "--data-dir", str(synthetic_dir)], two_ranks, timeout=300)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "already holds a run" in result.stderr

@@ -99,6 +99,7 @@ UNUSED_FLAGS = {
     "--ema-decay without EMA": (["--ema-decay", "0.99"], "--ema-decay applies to --average ema"),
     "--swa-start with EMA": (["--average", "ema", "--swa-start", "3"], "--swa-start applies to --average swa"),
     "SWA from after the last epoch": (["--average", "swa", "--swa-start", "16"], "nothing would be averaged"),
+    "the default shortened before its SWA": (["--epochs", "3"], "a recipe that does not average (--recipe best)"),
 }
 
 
@@ -249,8 +250,8 @@ def test_resume_refuses_to_change_dry_run(framework, finished_runs, synthetic_di
     assert status == 2 and "the checkpoint is from a dry run" in err
     assert snapshot(dry) == before
     full = tmp_path / "full"
-    assert framework.main(["--epochs", "1", "--batch-size", "128", "--data-dir", str(synthetic_dir),
-                            "--out", str(full)]) == 0
+    assert framework.main(["--recipe", "best", "--epochs", "1", "--batch-size", "128", "--data-dir",
+                           str(synthetic_dir), "--out", str(full)]) == 0
     capsys.readouterr()
     before = snapshot(full)
     status, err = run(framework, ["--resume", str(full), "--dry-run", "--data-dir", str(synthetic_dir)], capsys)
@@ -622,8 +623,10 @@ def test_a_mirror_that_never_answers_costs_seconds_not_minutes(silent_server, tm
 
 
 def _train_command(framework, out: Path, synthetic_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", framework.train_module.__name__, "--epochs", "3", "--batch-size", "16", "--seed", "3",
-            "--threads", "1", "--data-dir", str(synthetic_dir), *extra, "--out", str(out)]
+    """A short full run: of `best`, since the default averages from epoch 11."""
+    return [sys.executable, "-m", framework.train_module.__name__, "--recipe", "best", "--epochs", "3",
+            "--batch-size", "16", "--seed", "3", "--threads", "1", "--data-dir", str(synthetic_dir), *extra,
+            "--out", str(out)]
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from common.cli import DRY_RUN_TRAIN_BATCHES
 from common.errors import CheckpointError
 from common.metrics import read_metrics
 from common.processes import SINGLE_PROCESS
-from common.recipes import BEST, SEED
+from common.recipes import DEFAULT_RECIPE, SEED, get_recipe
 from common.settings import RunSettings
 from common.system import cpu_name, cpu_vector_extensions
 from common.transforms import augment as core_augment
@@ -199,10 +199,11 @@ def test_dry_run_writes_the_same_artefacts_as_torch_ref(dry_run):
     history = read_metrics(dry_run / "metrics.jsonl")
     assert [r.epoch for r in history] == [1, 2]
     # The default recipe's OneCycle starts at lr / div_factor and warms up from there.
-    assert history[0].lr == pytest.approx(BEST.lr / BEST.schedule.div_factor) and history[1].lr > history[0].lr
+    default = get_recipe(DEFAULT_RECIPE)
+    assert history[0].lr == pytest.approx(default.lr / default.schedule.div_factor) and history[1].lr > history[0].lr
     assert history[0].compile_seconds > 0
     config = json.loads((dry_run / "config.json").read_text())
-    assert config["framework"]["framework"] == "JAX" and config["recipe"]["name"] == "best"
+    assert config["framework"]["framework"] == "JAX" and config["recipe"]["name"] == DEFAULT_RECIPE
     assert config["ops"] == "auto" and config["framework"]["ops"] == "fast"  # auto on the CPU
     assert config["framework"]["xla_flags"] == os.environ.get("XLA_FLAGS", "")
     assert config["machine"]["cpu"] == cpu_name() and config["machine"]["vector_extensions"] == cpu_vector_extensions()
@@ -236,6 +237,15 @@ def test_threads_says_where_it_cannot_work(without_affinity_calls, tmp_path, syn
     assert not (out / "checkpoint.msgpack").exists()
 
 
+def test_a_checkpoint_with_averaged_weights_does_not_restore_into_a_recipe_without(dry_run):
+    """The default recipe's checkpoint holds an SWA average; flax's from_state_dict would keep it
+    beside a state that has none, so the restore counts the arrays and says what differs."""
+    _, payload = read_checkpoint(dry_run / "checkpoint.msgpack")
+    state, _ = new_jax_state(get_recipe("best"), 3, layers_for("fast"), seed=5)
+    with pytest.raises(CheckpointError, match="weight averaging"):
+        restore(state, payload)
+
+
 def test_checkpoint_restores_the_run_into_a_state_seeded_otherwise(dry_run, synthetic_mnist):
     """A state created from another seed holds other weights until it restores the checkpoint;
     then it holds the run's: its predictions equal those of the run's model.msgpack (written by
@@ -243,7 +253,7 @@ def test_checkpoint_restores_the_run_into_a_state_seeded_otherwise(dry_run, synt
     momentum buffers are the checkpoint's."""
     meta, payload = read_checkpoint(dry_run / "checkpoint.msgpack")
     assert meta["epoch"] == 2
-    state, _ = new_jax_state(BEST, 3, layers_for("fast"), seed=5)
+    state, _ = new_jax_state(get_recipe(DEFAULT_RECIPE), 3, layers_for("fast"), seed=5)
     images = core_normalize(synthetic_mnist.test_images[:100])
     evaluate = jax.jit(functools.partial(eval_step, state.apply_fn))
     cpu = jax.devices("cpu")[0]

@@ -15,7 +15,7 @@ import jax_impl.train
 import nnx_impl.train
 from common.batching import plan_epoch
 from common.metrics import read_metrics
-from common.recipes import BEST
+from common.recipes import BEST, DEFAULT_RECIPE, get_recipe
 from common.settings import RunSettings
 from nnx_impl.checkpoints import read_checkpoint, read_weights
 from nnx_impl.model import variables_of
@@ -54,7 +54,8 @@ def test_a_dry_run_of_two_seeds_writes_every_artefact_and_a_summary(tmp_path, sy
                 "checkpoint.msgpack", "model.msgpack"} <= {path.name for path in run.iterdir()}
         history = read_metrics(run / "metrics.jsonl")
         assert [record.epoch for record in history] == [1, 2]
-        assert history[0].lr == pytest.approx(BEST.lr / BEST.schedule.div_factor)  # OneCycle's first step
+        default = get_recipe(DEFAULT_RECIPE)
+        assert history[0].lr == pytest.approx(default.lr / default.schedule.div_factor)  # OneCycle's first step
         meta, _ = read_checkpoint(run / "checkpoint.msgpack")
         assert meta["settings"]["seed"] == seed and meta["epoch"] == 2
         config = json.loads((run / "config.json").read_text())

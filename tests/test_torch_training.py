@@ -14,7 +14,7 @@ from common.cli import build_parser
 from common.errors import CheckpointError, TrainingDivergedError
 from common.metrics import read_metrics
 from common.progress import EpochProgress
-from common.recipes import BEST, SEED
+from common.recipes import BEST, DEFAULT_RECIPE, SEED, get_recipe
 from common.system import cpu_name, usable_cpu_count
 from tests.frameworks import TORCH, new_torch_state
 from torch_ref import data
@@ -47,9 +47,10 @@ def test_dry_run_writes_every_artefact(dry_run):
         assert all(np.isfinite(v) for v in values)
         assert 0 <= record.test_accuracy <= 100
     # The default recipe's OneCycle starts at lr / div_factor and warms up from there.
-    assert history[0].lr == pytest.approx(BEST.lr / BEST.schedule.div_factor) and history[1].lr > history[0].lr
+    default = get_recipe(DEFAULT_RECIPE)
+    assert history[0].lr == pytest.approx(default.lr / default.schedule.div_factor) and history[1].lr > history[0].lr
     config = json.loads((dry_run / "config.json").read_text())
-    assert config["recipe"]["name"] == "best" and config["seed"] == 0 and config["dry_run"] is True
+    assert config["recipe"]["name"] == DEFAULT_RECIPE and config["seed"] == 0 and config["dry_run"] is True
     assert config["machine"]["cpu"] == cpu_name() and config["machine"]["usable_cores"] == usable_cpu_count()
 
 
