@@ -78,7 +78,7 @@ from common.mnist import Mnist  # noqa: E402
 from common.recipes import DEFAULT_RECIPE, Recipe, get_recipe  # noqa: E402
 from common.settings import RunSettings  # noqa: E402
 from common.spec import training_flops_per_image  # noqa: E402
-from common.system import machine_facts  # noqa: E402
+from common.system import huge_page_advice, machine_facts  # noqa: E402
 from common.transforms import normalize  # noqa: E402
 from jax_impl.fast.compile_clock import compile_seconds, enable_compilation_cache  # noqa: E402
 
@@ -403,9 +403,12 @@ def machine_line(report: dict) -> str:
     """The CPU, its vector extensions and the sgemm peak: what every ratio in the report depends on."""
     machine = report["machine"]
     extensions = ", ".join(machine.get("vector_extensions") or ["not listed on this OS"])
+    pages = machine["huge_pages"]
     return (f"{machine['cpu']}, {machine['usable_cores']} cores ({extensions}; PyTorch's CPU kernels "
             f"{machine['torch_cpu_kernels']}, XLA compiles for {machine['xla_cpu_isa']}"
             + (f", XLA_FLAGS {machine['xla_flags']}" if machine["xla_flags"] else "")
+            + (f", transparent huge pages {pages['transparent_hugepages']}" if pages["transparent_hugepages"] else "")
+            + (f", GLIBC_TUNABLES {pages['glibc_tunables']}" if pages["glibc_tunables"] else "")
             + f"); sgemm peak {report['sgemm_gflops']['peak']:.0f} GFLOP/s")
 
 
@@ -666,6 +669,11 @@ def measure(args: argparse.Namespace, recipe: Recipe, data: Mnist, out: Path, st
         progress.say(f"Measuring {len(chosen)} variants at batch {', '.join(map(str, args.batch_sizes))} on "
                      f"{machine_line(report)}: about {minutes:.0f} min expected; each figure is printed, and saved to "
                      f"{out / 'results.json'}, as it is measured.")
+        advice = huge_page_advice(report["machine"]["huge_pages"])
+        if advice:
+            progress.say(f"This kernel gives huge pages only on request: steps at batch 256 or more fault in their "
+                         f"buffers 4 KiB at a time. {advice} before the command makes them faster "
+                         "(docs/speed.md#huge-pages).")
         for batch_size in args.batch_sizes:
             results = measure_training(chosen, batch_size, data, args, recipe, progress)
             entries = report["throughput"][str(batch_size)] = throughput_entries(chosen, results, report)

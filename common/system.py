@@ -1,4 +1,5 @@
-"""The CPUs a run may use, asked in a way every OS answers.
+"""The CPUs a run may use, and the memory-page settings its speed depends on, asked in a way
+every OS answers.
 
 Only Linux tells a process which cores it may run on and lets it choose them
 (`os.sched_getaffinity` / `os.sched_setaffinity`); macOS and Windows have neither call, so
@@ -50,8 +51,51 @@ VECTOR_EXTENSIONS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "
 
 
 def machine_facts() -> dict[str, object]:
-    """The CPU a run's times and float32 results depend on, for its config.json."""
-    return {"cpu": cpu_name(), "vector_extensions": cpu_vector_extensions(), "usable_cores": usable_cpu_count()}
+    """The CPU a run's times and float32 results depend on, and the page settings its times
+    depend on, for its config.json."""
+    return {"cpu": cpu_name(), "vector_extensions": cpu_vector_extensions(), "usable_cores": usable_cpu_count(),
+            "huge_pages": huge_page_settings()}
+
+
+TRANSPARENT_HUGEPAGE_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+HUGE_PAGE_MALLOC = "glibc.malloc.hugetlb=1"
+HUGE_PAGE_MALLOC_SINCE = (2, 35)  # the glibc release that added the tunable
+
+
+def huge_page_settings() -> dict[str, str | None]:
+    """What decides whether a step's large buffers come in 4 KiB pages or in huge ones.
+
+    XLA:CPU allocates a step's temporary buffer afresh at every step. At large batches it is
+    larger than the largest block glibc's malloc reuses (32 MiB), so glibc maps it from the kernel
+    and unmaps it when the step ends, and the kernel faults in and zeroes the fresh memory one
+    page at a time, at every step. Huge pages make those faults rare. Linux gives them to glibc's
+    blocks when its transparent-huge-page mode is "always", or when it is "madvise" and glibc is
+    asked for them (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, glibc 2.35 and later). Other systems
+    answer None (docs/speed.md has the measurements)."""
+    return {"transparent_hugepages": transparent_hugepage_mode(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
+
+
+def transparent_hugepage_mode(setting: Path = TRANSPARENT_HUGEPAGE_MODE) -> str | None:
+    """Linux's transparent-huge-page mode (the bracketed word of `setting`: always, madvise or
+    never); None where the kernel has no such setting."""
+    try:
+        text = setting.read_text()
+    except OSError:
+        return None
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if 0 <= start < end else None
+
+
+def huge_page_advice(settings: dict[str, str | None]) -> str | None:
+    """The one setting that would give a step's buffers huge pages, where the kernel gives them
+    only on request and glibc is not asked; None where there is nothing to do."""
+    if settings["transparent_hugepages"] != "madvise" or HUGE_PAGE_MALLOC in (settings["glibc_tunables"] or ""):
+        return None
+    library, version = platform.libc_ver()
+    if library != "glibc" or tuple(int(part) for part in version.split(".")[:2]) < HUGE_PAGE_MALLOC_SINCE:
+        return None
+    present = settings["glibc_tunables"]
+    return f"GLIBC_TUNABLES={present}:{HUGE_PAGE_MALLOC}" if present else f"GLIBC_TUNABLES={HUGE_PAGE_MALLOC}"
 
 
 def cpu_vector_extensions() -> list[str]:

@@ -43,7 +43,7 @@ def test_quick_comparison_writes_a_complete_report(tmp_path, synthetic_dir):
     assert {"settings", "machine", "sgemm_gflops", "flops", "throughput", "wall_seconds"} <= set(report)
     assert report["complete"] is True
     assert {"cpu", "cores", "torch", "jax", "flax", "optax", "numpy", "python", "vector_extensions",
-            "torch_cpu_kernels", "xla_cpu_isa", "xla_flags"} <= set(report["machine"])
+            "torch_cpu_kernels", "xla_cpu_isa", "xla_flags", "huge_pages"} <= set(report["machine"])
     # It reports as it goes: the expected duration first, then each round's figures before the end.
     progress = [line for line in result.stderr.splitlines() if line.startswith(("Measuring", "batch 128 |"))]
     assert progress[0].startswith("Measuring 6 variants at batch 128 on ") and " min expected" in progress[0]
