@@ -377,6 +377,8 @@ def machine() -> dict[str, object]:
 ESTIMATE_SHARE_OF_PEAK = 0.08
 ESTIMATE_FIRST_CHUNK_SECONDS = 10.0
 ESTIMATE_PROBE_SECONDS = 20.0
+# The smallest batch whose JAX step buffer is over the largest block glibc reuses (docs/speed.md#huge-pages).
+HUGE_PAGE_BATCH = 256
 
 
 def expected_minutes(total_images: int, variant_count: int, probed: set[str], args: argparse.Namespace,
@@ -670,9 +672,9 @@ def measure(args: argparse.Namespace, recipe: Recipe, data: Mnist, out: Path, st
                      f"{machine_line(report)}: about {minutes:.0f} min expected; each figure is printed, and saved to "
                      f"{out / 'results.json'}, as it is measured.")
         advice = huge_page_advice(report["machine"]["huge_pages"])
-        if advice:
-            progress.say(f"This kernel gives huge pages only on request: steps at batch 256 or more fault in their "
-                         f"buffers 4 KiB at a time. {advice} before the command makes them faster "
+        if advice and max(args.batch_sizes) >= HUGE_PAGE_BATCH:
+            progress.say(f"This kernel gives huge pages only on request: steps at batch {HUGE_PAGE_BATCH} or more "
+                         f"fault in their buffers 4 KiB at a time. {advice} before the command makes them faster "
                          "(docs/speed.md#huge-pages).")
         for batch_size in args.batch_sizes:
             results = measure_training(chosen, batch_size, data, args, recipe, progress)
