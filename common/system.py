@@ -89,13 +89,13 @@ def transparent_hugepage_mode(setting: Path = TRANSPARENT_HUGEPAGE_MODE) -> str 
 def huge_page_advice(settings: dict[str, str | None]) -> str | None:
     """The one setting that would give a step's buffers huge pages, where the kernel gives them
     only on request and glibc is not asked; None where there is nothing to do."""
-    if settings["transparent_hugepages"] != "madvise" or HUGE_PAGE_MALLOC in (settings["glibc_tunables"] or ""):
+    present = settings["glibc_tunables"] or ""
+    if settings["transparent_hugepages"] != "madvise" or HUGE_PAGE_MALLOC in present:
         return None
     library, version = platform.libc_ver()
     if library != "glibc" or tuple(int(part) for part in version.split(".")[:2]) < HUGE_PAGE_MALLOC_SINCE:
         return None
-    present = settings["glibc_tunables"]
-    return f"GLIBC_TUNABLES={present}:{HUGE_PAGE_MALLOC}" if present else f"GLIBC_TUNABLES={HUGE_PAGE_MALLOC}"
+    return "GLIBC_TUNABLES=" + ":".join(filter(None, (present, HUGE_PAGE_MALLOC)))  # any present kept
 
 
 def cpu_vector_extensions() -> list[str]:
