@@ -377,7 +377,7 @@ def machine() -> dict[str, object]:
 ESTIMATE_SHARE_OF_PEAK = 0.08
 ESTIMATE_FIRST_CHUNK_SECONDS = 10.0
 ESTIMATE_PROBE_SECONDS = 20.0
-# The smallest batch whose JAX step buffer is over the largest block glibc reuses (docs/speed.md#huge-pages).
+# The smallest batch whose steps map buffers over the largest block glibc reuses (docs/speed.md#huge-pages).
 HUGE_PAGE_BATCH = 256
 
 

@@ -22,6 +22,7 @@ from jax_impl import data
 from jax_impl.devices import describe, limit_threads, select_devices
 from jax_impl.distributed import data_mesh, put_replicated, replicated, split_along
 from jax_impl.fast.choice import layers_for, resolve_ops
+from jax_impl.fast.heaps import step_compiler_options
 from jax_impl.model import Net
 from jax_impl.optim import learning_rate_schedule, make_optimizer
 from jax_impl.recalibration import batch_statistics, recalibrate_batchnorm, statistics_model
@@ -81,7 +82,8 @@ class JaxTrainer(_Placed):
         self.epoch_kind = epoch_kind or default_epoch(self.platform)
         self.state, self.key = put_replicated(create_train_state(self.model, self.tx, settings.seed, settings.recipe),
                                               self.whole)
-        self.step = jax.jit(train_step, donate_argnums=0, out_shardings=self.whole)
+        self.step_options = step_compiler_options(self.platform, settings.recipe.batch_size)
+        self.step = jax.jit(train_step, donate_argnums=0, out_shardings=self.whole, compiler_options=self.step_options)
         self.scan = jax.jit(scan_epoch, static_argnames="crop_size", donate_argnums=0, out_shardings=self.whole)
         self.evaluate = jax.jit(functools.partial(eval_step, self.model.apply), out_shardings=self.whole)
         self.average = jax.jit(swa_step, donate_argnums=0, out_shardings=self.whole)
@@ -91,7 +93,7 @@ class JaxTrainer(_Placed):
 
     def describe(self) -> dict:
         """The facts the trainer records in config.json."""
-        return {**describe(self.devices, self.ops), "epoch": self.epoch_kind}
+        return {**describe(self.devices, self.ops, self.step_options), "epoch": self.epoch_kind}
 
     def train_epoch(self, plan: EpochPlan, images: np.ndarray, labels: np.ndarray) -> None:
         """Every batch of `plan` (this process's part of each), each step's metrics read as the trainer reads them."""

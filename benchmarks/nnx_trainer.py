@@ -23,6 +23,7 @@ from jax_impl import data
 from jax_impl.devices import describe, limit_threads, select_devices
 from jax_impl.distributed import data_mesh, put_replicated, replicated, split_along
 from jax_impl.fast.choice import resolve_ops
+from jax_impl.fast.heaps import step_compiler_options
 from jax_impl.optim import learning_rate_schedule, make_optimizer
 from jax_impl.training import Metrics
 from nnx_impl.checkpoints import NAMES
@@ -57,12 +58,15 @@ class NnxTrainer:
         self.key = put_replicated(dropout_key, whole)
         self.form, self.label_smoothing = form, recipe.label_smoothing
         self.graphdef, self.state = nnx.split((self.model, self.optimizer))
+        # nnx.jit takes no compiler options; the split/merge form's jax.jit takes the linen step's.
+        self.step_options = step_compiler_options(self.platform, recipe.batch_size) if form == "split/merge" else {}
         self.step = jax.jit(functools.partial(_merged_step, self.graphdef), donate_argnums=0,
-                            static_argnames="label_smoothing")
+                            static_argnames="label_smoothing", compiler_options=self.step_options)
 
     def describe(self) -> dict:
         """The facts the trainer records in config.json, and the step's form."""
-        return {**describe(self.devices, self.ops), "framework": NAMES.title, "epoch": "loop", "form": self.form}
+        return {**describe(self.devices, self.ops, self.step_options), "framework": NAMES.title, "epoch": "loop",
+                "form": self.form}
 
     def train_epoch(self, plan: EpochPlan, images: np.ndarray, labels: np.ndarray) -> None:
         """Every batch of `plan`, each step's metrics read as the trainer reads them."""

@@ -57,8 +57,9 @@ def select_devices(choice: str, requested: DeviceCount) -> list[jax.Device]:
             for device in [d for d in available if d.process_index == index][:per_process]]
 
 
-def describe(devices: list[jax.Device], ops: str) -> dict[str, Any]:
-    """The facts of a JAX run that config.json records."""
+def describe(devices: list[jax.Device], ops: str, step_options: dict[str, int]) -> dict[str, Any]:
+    """The facts of a JAX run that config.json records, with the compiler options of its step."""
     return {"framework": "JAX", "version": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
             "device": str(devices[0]), "devices": len(devices), "processes": jax.process_count(), "ops": ops,
-            "threads": usable_cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "threads": usable_cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "step_compiler_options": step_options}

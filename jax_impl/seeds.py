@@ -125,7 +125,7 @@ def train_vmapped(settings: RunSettings, seeds: tuple[int, ...], processes: Proc
                          out_shardings=whole)
     check_finite = jax.jit(jax.vmap(is_finite))
 
-    facts = {**describe(devices, ops), "seeds in one program": len(seeds)}
+    facts = {**describe(devices, ops, {}), "seeds in one program": len(seeds)}
     logs = [RunLog(NAMES, run, facts, evaluated_on) for run in runs] if processes.is_main else []
     if processes.is_main:
         announce(NAMES, settings, facts, 0, epochs, seeds)

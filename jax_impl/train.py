@@ -42,6 +42,7 @@ from jax_impl.devices import describe, limit_threads, select_devices
 from jax_impl.distributed import data_mesh, join_processes, put_replicated, replicated, split_along
 from jax_impl.fast.choice import layers_for, resolve_ops
 from jax_impl.fast.compile_clock import compile_seconds, enable_compilation_cache
+from jax_impl.fast.heaps import step_compiler_options
 from jax_impl.model import Net
 from jax_impl.optim import learning_rate_schedule, make_optimizer
 from jax_impl.recalibration import batch_statistics, recalibrate_batchnorm, statistics_model
@@ -129,7 +130,8 @@ def train(settings: RunSettings, processes: Processes = SINGLE_PROCESS, resumed:
     if resumed:  # before anything is written: a checkpoint that does not fit changes no file
         state = restore(state, resumed[1])
     state, key = put_replicated((state, key), whole)
-    step = jax.jit(train_step, donate_argnums=0, out_shardings=whole)
+    step_options = step_compiler_options(platform, recipe.batch_size)  # on CPU: temporaries malloc can reuse
+    step = jax.jit(train_step, donate_argnums=0, out_shardings=whole, compiler_options=step_options)
     scan = jax.jit(scan_epoch, static_argnames="crop_size", donate_argnums=0, out_shardings=whole)
     evaluate = jax.jit(functools.partial(eval_step, model.apply), out_shardings=whole)
     average = jax.jit(swa_step, donate_argnums=0, out_shardings=whole)
@@ -137,7 +139,7 @@ def train(settings: RunSettings, processes: Processes = SINGLE_PROCESS, resumed:
     resident = data.resident_data(whole)
 
     done = len(resumed[0]["history"]) if resumed else 0
-    facts = {**describe(devices, ops), "epoch": epoch_kind}
+    facts = {**describe(devices, ops, step_options), "epoch": epoch_kind}
     log = RunLog(NAMES, settings, facts, evaluated_on, resumed[0]["history"] if resumed else None) \
         if processes.is_main else None
     if log:

@@ -119,7 +119,8 @@ def train(settings: RunSettings, processes: Processes = SINGLE_PROCESS,
     key = put_replicated(dropout_key, whole)
 
     done = len(resumed[0]["history"]) if resumed else 0
-    facts = {**describe(devices, ops), "framework": NAMES.title, "epoch": "loop"}
+    # nnx.jit takes no compiler options: the step keeps XLA's defaults (docs/speed.md, "Temporary heaps").
+    facts = {**describe(devices, ops, {}), "framework": NAMES.title, "epoch": "loop"}
     log = RunLog(NAMES, settings, facts, evaluated_on, resumed[0]["history"] if resumed else None) \
         if processes.is_main else None
     if log:

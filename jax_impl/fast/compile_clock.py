@@ -10,6 +10,7 @@ compilation cache counts as compiling (it is the cost a first step pays instead)
 from __future__ import annotations
 
 import os
+import warnings
 
 import jax
 
@@ -38,8 +39,13 @@ def compile_seconds() -> float:
 
 
 def enable_compilation_cache() -> None:
-    """Persist every compiled program (they take seconds to build, milliseconds to load)."""
+    """Persist every compiled program (they take seconds to build, milliseconds to load), except
+    a CPU step whose temporaries XLA cut into several heaps (jax_impl.fast.heaps):
+    jaxlib cannot store one, so it compiles at every start, and the warning that it was not stored
+    would repeat at every start with nothing for the user to do."""
     cache_dir = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(DEFAULT_DATA_DIR.parent / "era-s6-jax-cache"))
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    warnings.filterwarnings("ignore", message="Error writing persistent compilation cache entry .*"
+                            "Multiple temp buffer allocations found")
