@@ -169,6 +169,7 @@ class Measured:
     seconds: list[float] = field(default_factory=list)  # per timed chunk
     images: int = 0  # per timed chunk
     eval_images_per_second: float = 0.0
+    step_compiler_options: dict = field(default_factory=dict)  # XLA's, for a JAX step that takes them
 
     @property
     def images_per_second(self) -> float:
@@ -213,7 +214,8 @@ def measure_training(chosen: list[Variant], batch_size: int, data: Mnist, args: 
         trainer = build_trainer(variant, settings, warm_up)
         cold_seconds = train_seconds(trainer, warm_up, data)
         trainers[variant.name] = trainer
-        results[variant.name] = Measured(cold_seconds, time_compiling(variant) - compiled_before)
+        results[variant.name] = Measured(cold_seconds, time_compiling(variant) - compiled_before,
+                                         step_compiler_options=getattr(trainer, "step_options", {}))
         progress.trained(images * variant.seeds)
         compiling = ("compiling included" if variant.compiles_on_first_use else
                      "nothing to compile" if variant.framework == "torch" else
@@ -673,9 +675,9 @@ def measure(args: argparse.Namespace, recipe: Recipe, data: Mnist, out: Path, st
                      f"{out / 'results.json'}, as it is measured.")
         advice = huge_page_advice(report["machine"]["huge_pages"])
         if advice and max(args.batch_sizes) >= HUGE_PAGE_BATCH:
-            progress.say(f"This kernel gives huge pages only on request: steps at batch {HUGE_PAGE_BATCH} or more "
-                         f"fault in their buffers 4 KiB at a time. {advice} before the command makes them faster "
-                         "(docs/speed.md#huge-pages).")
+            progress.say(f"This kernel gives huge pages only on request: at batch {HUGE_PAGE_BATCH} or more, the "
+                         "steps whose buffers are not in JAX's heaps (PyTorch's, nnx.jit's) fault them in 4 KiB at a "
+                         f"time. {advice} before the command makes them faster (docs/speed.md#huge-pages).")
         for batch_size in args.batch_sizes:
             results = measure_training(chosen, batch_size, data, args, recipe, progress)
             entries = report["throughput"][str(batch_size)] = throughput_entries(chosen, results, report)
@@ -713,7 +715,8 @@ def throughput_entries(chosen: list[Variant], results: dict[str, Measured], repo
                  "first_step_overhead_seconds": measured.first_step_overhead,
                  "compile_seconds": (measured.first_step_overhead if variant.compiles_on_first_use
                                      else measured.compile_seconds),
-                 "achieved_gflops": measured.images_per_second * flops_per_image / 1e9}
+                 "achieved_gflops": measured.images_per_second * flops_per_image / 1e9,
+                 "step_compiler_options": measured.step_compiler_options}
         entry["percent_of_sgemm_peak"] = 100 * entry["achieved_gflops"] / peak
         if variant.name != BASELINE:
             ratios = round_ratios(results, variant.name)

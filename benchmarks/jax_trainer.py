@@ -82,7 +82,8 @@ class JaxTrainer(_Placed):
         self.epoch_kind = epoch_kind or default_epoch(self.platform)
         self.state, self.key = put_replicated(create_train_state(self.model, self.tx, settings.seed, settings.recipe),
                                               self.whole)
-        self.step_options = step_compiler_options(self.platform, settings.recipe.batch_size)
+        self.step_options = step_compiler_options(self.platform, settings.recipe.batch_size) \
+            if self.epoch_kind == "loop" else {}
         self.step = jax.jit(train_step, donate_argnums=0, out_shardings=self.whole, compiler_options=self.step_options)
         self.scan = jax.jit(scan_epoch, static_argnames="crop_size", donate_argnums=0, out_shardings=self.whole)
         self.evaluate = jax.jit(functools.partial(eval_step, self.model.apply), out_shardings=self.whole)

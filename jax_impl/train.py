@@ -130,7 +130,8 @@ def train(settings: RunSettings, processes: Processes = SINGLE_PROCESS, resumed:
     if resumed:  # before anything is written: a checkpoint that does not fit changes no file
         state = restore(state, resumed[1])
     state, key = put_replicated((state, key), whole)
-    step_options = step_compiler_options(platform, recipe.batch_size)  # on CPU: temporaries malloc can reuse
+    # On CPU, the step loop's step keeps its temporaries where malloc reuses them (jax_impl.fast.heaps).
+    step_options = step_compiler_options(platform, recipe.batch_size) if epoch_kind == "loop" else {}
     step = jax.jit(train_step, donate_argnums=0, out_shardings=whole, compiler_options=step_options)
     scan = jax.jit(scan_epoch, static_argnames="crop_size", donate_argnums=0, out_shardings=whole)
     evaluate = jax.jit(functools.partial(eval_step, model.apply), out_shardings=whole)

@@ -64,6 +64,8 @@ def test_quick_comparison_writes_a_complete_report(tmp_path, synthetic_dir):
             probed = name in {"PyTorch eager", "JAX step loop, fast layers", "NNX step loop (nnx.jit), fast layers"}
             assert ("memory" in entry) == probed
             assert not probed or entry["memory"]["peak_rss_mb"] > 0
+            # On the CPU the JAX step loops compile their step in heaps; nnx.jit takes no options, PyTorch none.
+            assert bool(entry["step_compiler_options"]) == name.startswith("JAX step loop")
             # Each JAX or NNX variant compiles (or loads from the cache) its own programs; PyTorch compiles nothing.
             assert (entry["compile_seconds"] > 0) == (entry["framework"] != "torch")
     assert report["flops"]["per_image_from_spec"] == 5_093_952
