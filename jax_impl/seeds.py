@@ -125,6 +125,7 @@ def train_vmapped(settings: RunSettings, seeds: tuple[int, ...], processes: Proc
                          out_shardings=whole)
     check_finite = jax.jit(jax.vmap(is_finite))
 
+    # The vmapped step keeps XLA's defaults: jax_impl.fast.heaps is for the step loop's step.
     facts = {**describe(devices, ops, {}), "seeds in one program": len(seeds)}
     logs = [RunLog(NAMES, run, facts, evaluated_on) for run in runs] if processes.is_main else []
     if processes.is_main:

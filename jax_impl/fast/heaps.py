@@ -19,7 +19,7 @@ def step_compiler_options(platform: str, batch_size: int) -> dict[str, int]:
     """XLA's options for the training step of `batch_size` images on `platform`. XLA:CPU gives a
     program's temporaries one block, allocated at each call and freed after it; glibc hands a
     block over 32 MiB back to the kernel when it is freed, so the next step faults it in again, a
-    page per 4 KiB (a fifth of the step at batch 512). Cut into heaps under that size, the blocks
+    page per 4 KiB. Cut into heaps under that size, the blocks
     are reused, and the step computes the same bits. Only the step of the step loop gets them:
     jaxlib cannot store a program of several heaps in its persistent compilation cache, and the
     step is the program that runs thousands of times. Accelerators draw every buffer from a pool
