@@ -65,10 +65,11 @@ HUGE_PAGE_MALLOC_SINCE = (2, 35)  # the glibc release that added the tunable
 def huge_page_settings() -> dict[str, str | None]:
     """What decides whether a step's large buffers come in 4 KiB pages or in huge ones.
 
-    XLA:CPU allocates a step's temporary buffer afresh at every step. At large batches it is
-    larger than the largest block glibc's malloc reuses (32 MiB), so glibc maps it from the kernel
-    and unmaps it when the step ends, and the kernel faults in and zeroes the fresh memory one
-    page at a time, at every step. Huge pages make those faults rare. Linux gives them to glibc's
+    A step allocates its large buffers afresh at every step (XLA:CPU's temporaries unless cut into
+    heaps, jax_impl.fast.heaps; PyTorch's tensors). A buffer larger than the largest block glibc's
+    malloc reuses (32 MiB) is mapped from the kernel and unmapped when freed, and the kernel
+    faults in and zeroes the fresh memory one page at a time, at every step. Huge pages make
+    those faults rare. Linux gives them to glibc's
     blocks when its transparent-huge-page mode is "always", or when it is "madvise" and glibc is
     asked for them (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, glibc 2.35 and later). Other systems
     answer None (docs/speed.md has the measurements)."""
