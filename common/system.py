@@ -65,8 +65,8 @@ HUGE_PAGE_MALLOC_SINCE = (2, 35)  # the glibc release that added the tunable
 def huge_page_settings() -> dict[str, str | None]:
     """What decides whether a step's large buffers come in 4 KiB pages or in huge ones.
 
-    A step allocates its large buffers afresh at every step (XLA:CPU's temporaries unless cut into
-    heaps, jax_impl.fast.heaps; PyTorch's tensors). A buffer larger than the largest block glibc's
+    A step allocates its large buffers afresh at every step (XLA:CPU's temporaries unless the
+    step's compiler options cut them into heaps; PyTorch's tensors). A buffer larger than the largest block glibc's
     malloc reuses (32 MiB) is mapped from the kernel and unmapped when freed, and the kernel
     faults in and zeroes the fresh memory one page at a time, at every step. Huge pages make
     those faults rare. Linux gives them to glibc's
