@@ -16,10 +16,11 @@ from pathlib import Path
 
 import jax
 import pytest
+import torch
 
 from common.mnist import DATA_DIR_ENV, UNVERIFIED_TEST_DIR_ENV, Mnist, load_mnist
 from common.sources import TFDS_DATA_DIR_ENV
-from common.system import cpu_name, usable_cpu_count
+from common.system import cpu_name, usable_cpu_count, usable_cpus
 from tests.synthetic_mnist import write_synthetic_mnist
 
 pytest_plugins = ["tests.no_silent_skips"]
@@ -35,6 +36,19 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def pytest_report_header() -> str:
     """Every run's log names its CPU: the suite's time and the float32 results both depend on it."""
     return f"cpu: {cpu_name()}, {usable_cpu_count()} usable cores"
+
+
+@pytest.fixture(autouse=True)
+def _cores_and_threads_given_back() -> Iterator[None]:
+    """A trainer's --threads limits the process it runs in, for good: it pins the process to that
+    many cores and sizes PyTorch's thread pool. That is right for a command; a test that calls a
+    trainer's main() here would otherwise leave this process, every later test, and every process
+    they start (which inherit the pinning), on one core."""
+    cores, torch_threads = usable_cpus(), torch.get_num_threads()
+    yield
+    if cores is not None and usable_cpus() != cores:
+        os.sched_setaffinity(0, cores)
+    torch.set_num_threads(torch_threads)
 
 
 @pytest.fixture(scope="session", autouse=True)
