@@ -66,13 +66,13 @@ def huge_page_settings() -> dict[str, str | None]:
     """What decides whether a step's large buffers come in 4 KiB pages or in huge ones.
 
     A step allocates its large buffers afresh at every step (XLA:CPU's temporaries unless the
-    step's compiler options cut them into heaps; PyTorch's tensors). A buffer larger than the largest block glibc's
-    malloc reuses (32 MiB) is mapped from the kernel and unmapped when freed, and the kernel
-    faults in and zeroes the fresh memory one page at a time, at every step. Huge pages make
-    those faults rare. Linux gives them to glibc's
-    blocks when its transparent-huge-page mode is "always", or when it is "madvise" and glibc is
-    asked for them (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, glibc 2.35 and later). Other systems
-    answer None (docs/speed.md has the measurements)."""
+    step's compiler options cut them into heaps; PyTorch's tensors). A buffer larger than the
+    largest block glibc's malloc reuses (32 MiB) is mapped from the kernel and unmapped when
+    freed, and the kernel faults in and zeroes the fresh memory one page at a time, at every
+    step. Huge pages make those faults rare. Linux gives them to glibc's blocks when its
+    transparent-huge-page mode is "always", or when it is "madvise" and glibc is asked for them
+    (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, glibc 2.35 and later). Other systems answer None
+    (docs/speed.md has the measurements)."""
     return {"transparent_hugepages": transparent_hugepage_mode(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
 
 
